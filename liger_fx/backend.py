@@ -1,0 +1,98 @@
+"""The liger backend: the whole pipeline in one place.
+
+    torch.compile(model, backend="liger", options={"rope": False})
+
+Dynamo hands us its FX graph and example inputs. We
+  1. retrace it to canonical pre-dispatch ATen (canonicalize.to_aten),
+  2. run the enabled pattern families in order (rewrite.apply_family), each replacing subgraphs with one fused op
+     that carries its own backward,
+  3. hand the result to Inductor (compile_fx), which does AOTAutograd and fuses everything else.
+If 1-2 raise, we log one warning and compile Dynamo's untouched graph: a model that compiles with Inductor never
+fails with liger.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import Counter
+from typing import Callable
+
+import torch
+import torch.fx as fx
+from torch._dynamo.utils import counters
+from torch._inductor.compile_fx import compile_fx
+
+from . import rewrite
+from .canonicalize import to_aten
+from .config import LigerConfig, split_options
+
+log = logging.getLogger("liger_fx")
+
+_graph_index = itertools.count()
+
+# The ordered passes after tracing, each `(gm, config, record) -> None`, switchable by its flag. A test (or a
+# debugging user) may insert its own here.
+PASSES: list[tuple[str, Callable]] = []
+
+
+def _family_pass(family):
+    return lambda gm, config, record: rewrite.apply_family(family, gm, config, record)
+
+
+def passes() -> list[tuple[str, Callable]]:
+    if not PASSES:
+        PASSES.extend((fam.__name__.rsplit(".", 1)[-1], _family_pass(fam)) for fam in rewrite.families())
+    return PASSES
+
+
+def _op_counts(gm: fx.GraphModule) -> Counter:
+    return Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+
+
+def rewrite_graph(gm: fx.GraphModule, example_inputs, config: LigerConfig, record: rewrite.GraphRecord):
+    """Steps 1 and 2: canonical ATen, then every pattern family. Returns a new GraphModule."""
+    traced = to_aten(gm, example_inputs)
+    before = _op_counts(traced) if log.isEnabledFor(logging.DEBUG) else None
+    for name, fn in passes():
+        fn(traced, config, record)
+    traced.graph.lint()
+    traced.recompile()
+    if before is not None:
+        after = _op_counts(traced)
+        diff = {k: after[k] - before[k] for k in set(before) | set(after) if after[k] != before[k]}
+        log.debug("liger_fx: graph %d op count changes: %s", record.index, diff)
+    return traced
+
+
+def _mode_patches(mode: str | None) -> dict:
+    if mode in (None, "default"):
+        return {}
+    try:
+        return dict(torch._inductor.list_mode_options(mode))
+    except Exception:
+        raise ValueError(
+            f"liger_fx: unknown mode {mode!r}; valid modes are default, reduce-overhead, max-autotune, "
+            "max-autotune-no-cudagraphs"
+        ) from None
+
+
+def liger_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None):
+    """The `torch_dynamo_backends` entry point `liger`."""
+    config, inductor_options = split_options(options)  # a bad flag raises here, before any work
+    patches = {**_mode_patches(mode), **inductor_options}
+    record = rewrite.GraphRecord(next(_graph_index))
+    rewrite.RECORDS.append(record)
+    try:
+        compiled_gm = rewrite_graph(gm, example_inputs, config, record)
+    except Exception as e:  # the fallback is the product's promise: never worse than Inductor
+        record.fallback = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        record.replaced.clear()
+        record.misses.clear()
+        log.warning("liger_fx: rewrite of graph %d failed (%s); compiling it with plain Inductor",
+                    record.index, record.fallback)
+        compiled_gm = gm
+    for r in record.replaced:  # counted only once the graph is committed to, so a fallback counts nothing
+        counters["liger_fx"][r.flag] += 1
+    log.info(record.summary())
+    return compile_fx(compiled_gm, example_inputs, config_patches=patches or None)

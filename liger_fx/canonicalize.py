@@ -1,0 +1,203 @@
+"""Step 1 of the pipeline: one spelling per computation.
+
+Dynamo's graph is torch-level: `x.float()`, `x.to(torch.float32)`, `x.pow(2)`, `x * x`, `F.silu` and `torch.nn.SiLU`
+all look different. We retrace it to pre-dispatch ATen under Dynamo's own fake mode (about 0.1 s for a tiny Llama,
+0.26 s with a symbolic sequence length), where each cast is one op and each reduction one overload, then apply a few
+rewrites that make equal math equal graphs. Patterns are traced by the same `trace_pattern`, so they live in the same
+IR and match by structure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+
+import torch
+import torch.fx as fx
+import torch.fx.traceback as fx_traceback
+from torch._guards import detect_fake_mode
+from torch.fx.experimental.proxy_tensor import make_fx
+
+aten = torch.ops.aten
+
+
+def to_aten(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
+    """Retrace a Dynamo graph to canonical pre-dispatch ATen; node metadata (module path, stack trace) survives."""
+    fake_mode = detect_fake_mode(example_inputs)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    args = []
+    for value, node in zip(example_inputs, placeholders):
+        if isinstance(value, torch.Tensor):
+            # Converting in Dynamo's mode returns the memoized fake, symbolic sizes included. A fresh fake mode
+            # would break Dynamo's guard creation (DESIGN.md, checked on torch 2.13).
+            args.append(fake_mode.from_tensor(value) if fake_mode else value)
+        else:
+            args.append(node.meta.get("example_value", value))
+    ctx = fake_mode if fake_mode is not None else contextlib.nullcontext()
+    with ctx, fx_traceback.preserve_node_meta():
+        traced = make_fx(fx.Interpreter(gm).run, pre_dispatch=True)(*args)
+    canonicalize(traced.graph)
+    traced.recompile()
+    return traced
+
+
+def trace_pattern(fn, args, **_ignored) -> fx.GraphModule:
+    """Trace a pattern's search or replacement function into the same IR as `to_aten` (the trace_fn for patterns)."""
+    fake_mode = detect_fake_mode(args)
+    ctx = fake_mode if fake_mode is not None else contextlib.nullcontext()
+    with ctx, fx_traceback.preserve_node_meta():
+        gm = make_fx(fn, pre_dispatch=True)(*args)
+    canonicalize(gm.graph)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Normalizations. Each one keeps `meta["val"]` valid so later guards can read dtypes and shapes.
+
+_CASTS = {aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.type_as.default, aten.to.other}
+
+
+def _val(node):
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def _replace(graph: fx.Graph, node: fx.Node, target, args, kwargs=None) -> fx.Node:
+    """Insert `target(*args)` before `node`, give it node's metadata and a fresh fake value, and take its uses."""
+    with graph.inserting_before(node):
+        new = graph.call_function(target, tuple(args), kwargs or {})
+    new.meta = dict(node.meta)
+    vals = fx.map_arg((args, kwargs or {}), _val)
+    fake_mode = detect_fake_mode([v for v in vals[0] if isinstance(v, torch.Tensor)])
+    with fake_mode if fake_mode is not None else contextlib.nullcontext():
+        new.meta["val"] = target(*vals[0], **vals[1])
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    return new
+
+
+def _cast_target_dtype(node: fx.Node):
+    """The dtype a cast node produces if it changes nothing but dtype, else None."""
+    src, out = _val(node.args[0]), _val(node)
+    if not isinstance(src, torch.Tensor) or not isinstance(out, torch.Tensor):
+        return None
+    if src.device != out.device or src.layout != out.layout:
+        return None
+    if node.kwargs.get("memory_format") not in (None, torch.preserve_format):
+        return None
+    return out.dtype
+
+
+def normalize_casts(graph: fx.Graph) -> None:
+    """Every dtype-only cast becomes `aten.to.dtype`; a cast to the dtype a tensor already has disappears.
+
+    The second matters most: in an fp32 model `x.to(torch.float32)` returns x itself, so the tracer hands the cast node
+    to every later use of x (the residual add too); the cast then has users outside the RMSNorm and the match is
+    refused. Seen on a tiny fp32 Llama: 1 of 5 norms matched before this pass, 5 of 5 after.
+    """
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in _CASTS:
+            continue
+        dtype = _cast_target_dtype(node)
+        if dtype is None:
+            continue
+        src = node.args[0]
+        if _val(src).dtype == dtype:
+            node.replace_all_uses_with(src)
+            graph.erase_node(node)
+        elif node.target is not aten.to.dtype or len(node.args) != 2 or node.kwargs:
+            _replace(graph, node, aten.to.dtype, (src, dtype))
+
+
+def normalize_arithmetic(graph: fx.Graph) -> None:
+    """`x*x` and `square(x)` become `pow(x, 2)`; `1/sqrt(v)`, `pow(v, -0.5)` become `rsqrt(v)`; `x / sqrt(v)`
+    becomes `x * rsqrt(v)`."""
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        t, a = node.target, node.args
+        if t is aten.mul.Tensor and len(a) == 2 and a[0] is a[1] and isinstance(a[0], fx.Node):
+            _replace(graph, node, aten.pow.Tensor_Scalar, (a[0], 2))
+        elif t is aten.square.default:
+            _replace(graph, node, aten.pow.Tensor_Scalar, (a[0], 2))
+        elif t is aten.pow.Tensor_Scalar and a[1] == -0.5:
+            _replace(graph, node, aten.rsqrt.default, (a[0],))
+        elif t is aten.reciprocal.default and _is(a[0], aten.sqrt.default):
+            _replace(graph, node, aten.rsqrt.default, (a[0].args[0],))
+        elif t is aten.div.Tensor and _is(a[1], aten.sqrt.default) and len(a[1].users) == 1:
+            sqrt = a[1]
+            with graph.inserting_before(node):
+                r = graph.call_function(aten.rsqrt.default, (sqrt.args[0],))
+            r.meta = dict(sqrt.meta)
+            r.meta["val"] = _val(sqrt)  # rsqrt has sqrt's shape and dtype
+            _replace(graph, node, aten.mul.Tensor, (a[0], r))
+            graph.erase_node(sqrt)
+
+
+def _is(node, target) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is target
+
+
+# Ops whose `dim` argument we rewrite to a negative index, so `mean(2)` on a 3-D tensor reads as `mean(-1)`:
+# target -> (position of dim in args, whether it is a list)
+_DIM_ARGS = {
+    aten.mean.dim: (1, True),
+    aten.sum.dim_IntList: (1, True),
+    aten.amax.default: (1, True),
+    aten.cat.default: (1, False),
+    aten.slice.Tensor: (1, False),
+    aten.split.Tensor: (2, False),
+    aten.split_with_sizes.default: (2, False),
+    aten.chunk.default: (2, False),
+    aten.unsqueeze.default: (1, False),
+    aten._softmax.default: (1, False),
+    aten.softmax.int: (1, False),
+    aten.log_softmax.int: (1, False),
+}
+
+
+def normalize_dims(graph: fx.Graph) -> None:
+    for node in graph.nodes:
+        spec = _DIM_ARGS.get(node.target) if node.op == "call_function" else None
+        if spec is None:
+            continue
+        pos, is_list = spec
+        src = node.args[0][0] if node.target is aten.cat.default else node.args[0]
+        val = _val(src)
+        if not isinstance(val, torch.Tensor):
+            continue
+        rank = val.dim() + (1 if node.target is aten.unsqueeze.default else 0)
+        args = list(node.args)
+        if len(args) <= pos:
+            continue
+        dims = args[pos]
+        if is_list:
+            if not isinstance(dims, (list, tuple)):
+                continue
+            args[pos] = [d - rank if isinstance(d, int) and d >= 0 else d for d in dims]
+        elif isinstance(dims, int) and dims >= 0:
+            args[pos] = dims - rank
+        node.args = tuple(args)
+
+
+def canonicalize(graph: fx.Graph) -> None:
+    normalize_casts(graph)
+    normalize_arithmetic(graph)
+    normalize_dims(graph)
+    graph.eliminate_dead_code()
+
+
+# --------------------------------------------------------------------------------------------------------------
+_PREFIX = re.compile(r"^(L\['[^']*'\](\[\d+\])?(\.|$))+")
+
+
+def where(node: fx.Node) -> str:
+    """The module path a node was computed in, e.g. `model.layers.0.input_layernorm`, from Dynamo's metadata."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "<top>"
+    path = list(stack.values())[-1][0]
+    path = _PREFIX.sub("", path)
+    path = re.sub(r"\._modules\['([^']*)'\]", r".\1", path)
+    return path or "<top>"

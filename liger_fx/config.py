@@ -1,0 +1,81 @@
+"""The one configuration object: which rewrites run.
+
+Flag names are Liger's, so a `liger_kernel_config` written for liger-kernel means the same here. Unknown keys and
+non-bool values are errors that name the key: Liger drops a typo such as `rms_nrom` silently and the user trains
+unfused without knowing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+
+@dataclass(frozen=True)
+class LigerConfig:
+    rms_norm: bool = True
+    """Fuse RMSNorm (Llama and Gemma casting, q/k norms) into `liger_fx::rms_norm`."""
+
+    rope: bool = True
+    """Fuse the rotate-half rotary embedding of q and k into `liger_fx::rope`."""
+
+    swiglu: bool = True
+    """Fuse `silu(gate) * up` (split or packed gate/up, MoE experts) into `liger_fx::swiglu`."""
+
+    geglu: bool = True
+    """Fuse `gelu(gate) * up` (tanh-approximate, as Gemma; exact GELU too) into `liger_fx::swiglu`."""
+
+    cross_entropy: bool = False
+    """Fuse cross-entropy on already materialized logits. Off by default, as in Liger. When
+    `fused_linear_cross_entropy` is also on, the fused linear form wins wherever it matches, and this covers the
+    losses it could not fuse (Liger raises instead; we keep both useful)."""
+
+    fused_linear_cross_entropy: bool = True
+    """Fuse lm_head + cross-entropy so the B*T*V logits are never materialized for the loss."""
+
+    @classmethod
+    def flag_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | None) -> "LigerConfig":
+        """Build from `torch.compile(..., options=...)` flag entries; raises ValueError naming a bad key or value."""
+        options = dict(options or {})
+        valid = cls.flag_names()
+        for key, value in options.items():
+            if key not in valid:
+                raise ValueError(
+                    f"liger_fx: unknown flag {key!r}; valid flags are {', '.join(valid)}"
+                )
+            if not isinstance(value, bool):
+                raise ValueError(
+                    f"liger_fx: flag {key!r} must be True or False, got {value!r} ({type(value).__name__})"
+                )
+        return cls(**options)
+
+    def enabled(self) -> tuple[str, ...]:
+        return tuple(name for name in self.flag_names() if getattr(self, name))
+
+
+def split_options(options: Mapping[str, Any] | None) -> tuple[LigerConfig, dict[str, Any]]:
+    """Split `torch.compile(options=...)` into our flags and Inductor config entries.
+
+    Inductor keys (e.g. `"max_autotune": True`, `"triton.cudagraphs": False`) keep their Inductor meaning and are
+    applied to the compile of this graph only. Anything that is neither raises, naming the key.
+    """
+    from torch._inductor import config as inductor_config
+
+    flags, inductor = {}, {}
+    inductor_keys = set(inductor_config.get_config_copy())
+    for key, value in dict(options or {}).items():
+        if key in LigerConfig.flag_names():
+            flags[key] = value
+        elif key in inductor_keys:
+            inductor[key] = value
+        else:
+            raise ValueError(
+                f"liger_fx: unknown option {key!r}; valid flags are {', '.join(LigerConfig.flag_names())} "
+                "(Inductor config keys are accepted too)"
+            )
+    return LigerConfig.from_options(flags), inductor

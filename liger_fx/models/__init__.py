@@ -1,0 +1,1 @@
+"""Small built-in model configs for the coverage report and the tests."""

@@ -1,0 +1,207 @@
+"""Step 2 of the pipeline: patterns, how they are matched, and the record of what happened.
+
+A pattern is a plain PyTorch `search` function and a `replace` function that calls one of our ops. Both are traced
+by `canonicalize.trace_pattern` into the same IR as the model, and matched with Inductor's pattern machinery
+(`fx_to_pattern` + `PatternMatcherPass`, as `fx_passes/fuse_attention.py` does). A match is refused when an
+intermediate value has users outside the pattern, or when the pattern's `check` returns a reason.
+
+Every family module in `patterns/` exposes:
+    patterns() -> list[Pattern]              the variants (built lazily: tracing costs ~10 ms each)
+    candidates(graph) -> list[(flag, node)]  anchors found independently of the matcher (e.g. an rsqrt of a mean
+                                             of squares); an anchor still in the graph after the pass is a near miss
+    explain(node) -> str                     why an anchor did not match when no variant even got to its check
+and optionally `post_pass(graph)`, run after its patterns (e.g. pairing q and k rotations into one launch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import inspect
+import logging
+import pkgutil
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+from torch._inductor.pattern_matcher import (
+    Match,
+    PatternMatcherPass,
+    fx_to_pattern,
+    register_graph_pattern,
+)
+
+from .canonicalize import trace_pattern, where
+from .config import LigerConfig
+
+log = logging.getLogger("liger_fx")
+
+
+@dataclass(frozen=True, eq=False)  # hashed by identity: families cache their patterns
+class Pattern:
+    flag: str
+    """The config flag that gates this pattern, and the counter it increments."""
+    name: str
+    """Variant name, e.g. `rms_norm/llama/bf16/w*y`; shows up in the record and in near-miss reasons."""
+    search: Callable
+    replace: Callable
+    """Called with the search function's arguments (tensors as fake values, scalars as matched)."""
+    example_inputs: Callable[[], list]
+    """Factory of the tensor arguments used to trace `search` (scalars come from `scalars`)."""
+    scalars: dict[str, Any] = field(default_factory=dict)
+    """Scalar arguments captured from the graph, with a distinctive example value used only for tracing."""
+    check: Callable[[Match], str | None] = lambda match: None
+    """Guard: None to accept, or the reason for refusing (kept for the coverage report)."""
+    ignore_types: tuple = ()
+    """Literal types not compared structurally (e.g. `int` for view sizes that depend on the batch)."""
+
+    @functools.cached_property
+    def argnames(self) -> list[str]:
+        return list(inspect.signature(self.search).parameters)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The record of one compiled graph.
+
+
+@dataclass
+class Rewrite:
+    flag: str
+    pattern: str
+    where: str
+
+
+@dataclass
+class Miss:
+    flag: str
+    where: str
+    reason: str
+
+
+@dataclass
+class GraphRecord:
+    index: int
+    replaced: list[Rewrite] = dataclasses.field(default_factory=list)
+    misses: list[Miss] = dataclasses.field(default_factory=list)
+    fallback: str | None = None
+    """Set when the rewrite failed and the graph was compiled by plain Inductor; the exception, in one line."""
+
+    def counts(self) -> dict[str, tuple[int, int]]:
+        """flag -> (replaced, candidates)."""
+        out: dict[str, list[int]] = {}
+        for r in self.replaced:
+            out.setdefault(r.flag, [0, 0])[0] += 1
+            out[r.flag][1] += 1
+        for m in self.misses:
+            out.setdefault(m.flag, [0, 0])[1] += 1
+        return {k: (v[0], v[1]) for k, v in out.items()}
+
+    def summary(self) -> str:
+        if self.fallback:
+            return f"liger_fx: graph {self.index}: rewrite failed, compiled with plain Inductor ({self.fallback})"
+        counts = self.counts()
+        if not counts:
+            return f"liger_fx: graph {self.index}: no applicable patterns"
+        parts = [f"{flag} {r}/{c}" for flag, (r, c) in counts.items()]
+        text = f"liger_fx: graph {self.index}: replaced " + ", ".join(parts)
+        if self.misses:
+            text += f"; {len(self.misses)} near miss(es), first: {self.misses[0].where}: {self.misses[0].reason}"
+        return text
+
+
+RECORDS: list[GraphRecord] = []
+"""Every graph compiled by the backend in this process, in order. `clear_records()` resets it."""
+
+
+def get_records() -> list[GraphRecord]:
+    return list(RECORDS)
+
+
+def clear_records() -> None:
+    RECORDS.clear()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Families and their compiled matchers.
+
+
+@functools.cache
+def families() -> list[Any]:
+    """The pattern modules in `liger_fx.patterns`, in a fixed order: norms first, the loss last, so the loss
+    pattern sees the final norm already fused. Adding a family is adding a file."""
+    import liger_fx.patterns as pkg
+
+    order = {"rms_norm": 0, "rope": 1, "swiglu": 2, "linear_cross_entropy": 3}
+    names = [m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_")]
+    names.sort(key=lambda n: (order.get(n, 10), n))
+    return [importlib.import_module(f"liger_fx.patterns.{n}") for n in names]
+
+
+class _Run:
+    """State of one family pass over one graph: refusal reasons by node, and the record to fill."""
+
+    current: "_Run | None" = None
+
+    def __init__(self, record: GraphRecord):
+        self.record = record
+        self.refused: dict[fx.Node, str] = {}
+
+
+@functools.cache
+def _matcher(pattern_list: tuple[Pattern, ...]) -> PatternMatcherPass:
+    matcher = PatternMatcherPass(pass_name="liger_fx")
+    for p in pattern_list:
+        gm = trace_pattern(functools.partial(p.search, **p.scalars), p.example_inputs())
+        expr = fx_to_pattern(
+            gm,
+            ignore_types=p.ignore_types,
+            argnames=[a for a in p.argnames if a not in p.scalars],
+            scalar_workaround=p.scalars,
+        )
+        register_graph_pattern(expr, extra_check=functools.partial(_check, p), pass_dict=matcher)(
+            functools.partial(_handle, p)
+        )
+    return matcher
+
+
+def _check(p: Pattern, match: Match) -> bool:
+    reason = p.check(match)
+    if reason is not None and _Run.current is not None:
+        for node in match.nodes:
+            _Run.current.refused.setdefault(node, f"{p.name}: {reason}")
+    return reason is None
+
+
+def _handle(p: Pattern, match: Match, *args, **kwargs) -> None:
+    site = where(match.output_node())
+    values = [match.kwargs[name] for name in p.argnames]
+    match.replace_by_example(p.replace, values, trace_fn=trace_pattern)
+    if _Run.current is not None:
+        _Run.current.record.replaced.append(Rewrite(p.flag, p.name, site))
+    log.debug("liger_fx: %s replaced at %s (%s)", p.flag, site, p.name)
+
+
+def apply_family(family, gm: fx.GraphModule, config: LigerConfig, record: GraphRecord) -> None:
+    graph = gm.graph
+    anchors = family.candidates(graph)
+    enabled = tuple(p for p in family.patterns() if getattr(config, p.flag))
+    run = _Run(record)
+    _Run.current = run
+    try:
+        if enabled:
+            _matcher(enabled).apply(graph)
+            if hasattr(family, "post_pass"):
+                family.post_pass(graph)
+    finally:
+        _Run.current = None
+    for flag, node in anchors:
+        if getattr(node, "_erased", False):
+            continue
+        if not getattr(config, flag):
+            reason = f"flag {flag!r} is off"
+        else:
+            reason = run.refused.get(node) or family.explain(node)
+        record.misses.append(Miss(flag, where(node), reason))
+    graph.eliminate_dead_code()
