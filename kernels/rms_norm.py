@@ -140,13 +140,17 @@ def rms_norm_ref(x, weight, eps: float, offset: float = 0.0, casting: str = "lla
     return (weight + offset) * xhat.to(x.dtype)
 
 
-def _ref_backward(dy, x, weight, eps, offset, casting):
-    with torch.enable_grad():
-        xr = x.detach().requires_grad_()
-        wr = weight.detach().requires_grad_()
-        out = rms_norm_ref(xr, wr, eps, offset, casting)
-        dx, dw = torch.autograd.grad(out, (xr, wr), dy)
-    return dx, dw
+def rms_norm_ref_backward(dy, x, weight, eps: float, offset: float = 0.0, casting: str = "llama"):
+    """The Triton backward's math in torch (fp32). Autograd can't serve here: the op's CPU implementation runs below
+    the autograd dispatch key, so nothing inside it records a graph."""
+    xf = x.float()
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    xhat = xf * rstd
+    dyf = dy.float()
+    dw_rows = dyf * (xhat if casting == "gemma" else xhat.to(x.dtype).float())
+    g = dyf * (weight.float() + offset)
+    dx = rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True))
+    return dx.to(x.dtype), dw_rows.reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -171,7 +175,7 @@ def _rms_norm_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if x.device.type == "cuda":
         return rms_norm_bwd(dy, x, weight, eps, offset, casting)
-    return _ref_backward(dy, x, weight, eps, offset, casting)
+    return rms_norm_ref_backward(dy, x, weight, eps, offset, casting)
 
 
 @_rms_norm_backward.register_fake

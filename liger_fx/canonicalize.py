@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 import torch.fx.traceback as fx_traceback
 from torch._guards import detect_fake_mode
+from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 from torch.fx.experimental.proxy_tensor import make_fx
 
 aten = torch.ops.aten
@@ -43,8 +44,10 @@ def to_aten(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
 
 def trace_pattern(fn, args, **_ignored) -> fx.GraphModule:
     """Trace a pattern's search or replacement function into the same IR as `to_aten` (the trace_fn for patterns)."""
-    fake_mode = detect_fake_mode(args)
-    ctx = fake_mode if fake_mode is not None else contextlib.nullcontext()
+    # The fake mode of the arguments themselves: `detect_fake_mode` would return Dynamo's ambient mode even for the
+    # real tensors we trace patterns with at build time.
+    fakes = [a for a in args if isinstance(a, FakeTensor)]
+    ctx = fakes[0].fake_mode if fakes else unset_fake_temporarily()
     with ctx, fx_traceback.preserve_node_meta():
         gm = make_fx(fn, pre_dispatch=True)(*args)
     canonicalize(gm.graph)

@@ -1,0 +1,141 @@
+"""RMSNorm: `x * rsqrt(mean(x^2, -1) + eps)` times a weight, in the two casting conventions HF decoders use.
+
+    llama  (Llama, Mistral, Qwen2/3, Phi-3, Mixtral; Qwen3's q/k norms on a (B, T, H, D) view):
+        xf = x.float(); y = xf * rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps); out = w * y.to(x.dtype)
+    gemma  (Gemma, Gemma2): everything in fp32, weight as (1 + w):
+        out = (y * (1.0 + w.float())).to(x.dtype)
+
+One search function per convention; the variants (dtype, operand order) are generated, not cloned. In an fp32 model
+the casts vanish after canonicalization, so the fp32 variants are the same functions traced at fp32. eps and the
+Gemma offset are captured from the graph, not fixed.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+
+import torch
+import torch.fx as fx
+
+from liger_fx.rewrite import Pattern
+
+aten = torch.ops.aten
+
+_EPS = 1.2345e-5  # distinctive trace-time values, replaced by the captured constants
+_OFFSET = 1.375
+
+
+def _normalize(x, eps):
+    xf = x.to(torch.float32)
+    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def _llama(weight_first: bool):
+    def search(x, w, eps):
+        y = _normalize(x, eps).to(x.dtype)
+        return w * y if weight_first else y * w
+
+    def replace(x, w, eps):
+        return torch.ops.liger_fx.rms_norm(x, w, eps, 0.0, "llama")
+
+    return search, replace
+
+
+def _gemma(weight_first: bool):
+    def search(x, w, eps, offset):
+        scale = offset + w.to(torch.float32)
+        y = _normalize(x, eps)
+        return (scale * y if weight_first else y * scale).to(x.dtype)
+
+    def replace(x, w, eps, offset):
+        return torch.ops.liger_fx.rms_norm(x, w, eps, offset, "gemma")
+
+    return search, replace
+
+
+def _check(match) -> str | None:
+    x, w, eps = match.kwargs["x"], match.kwargs["w"], match.kwargs["eps"]
+    if not isinstance(eps, (int, float)) or not isinstance(match.kwargs.get("offset", 0.0), (int, float)):
+        return "eps or offset is a tensor, not a constant"
+    xv, wv = x.meta.get("val"), w.meta.get("val")
+    if xv is None or wv is None:
+        return "no shape information"
+    if not xv.is_floating_point():
+        return f"input dtype {xv.dtype} is not floating point"
+    if wv.dim() != 1 or wv.shape[0] != xv.shape[-1]:
+        return f"weight shape {tuple(wv.shape)} is not ({xv.shape[-1]},), the normalized dim"
+    if xv.device != wv.device:
+        return f"input on {xv.device}, weight on {wv.device}"
+    return None
+
+
+@functools.cache
+def patterns() -> list[Pattern]:
+    out = []
+    for (form, make), dtype, weight_first in itertools.product(
+        (("llama", _llama), ("gemma", _gemma)),
+        (torch.float32, torch.bfloat16, torch.float16),
+        (True, False),
+    ):
+        search, replace = make(weight_first)
+        scalars = {"eps": _EPS} if form == "llama" else {"eps": _EPS, "offset": _OFFSET}
+        out.append(
+            Pattern(
+                flag="rms_norm",
+                name=f"rms_norm/{form}/{str(dtype)[6:]}/{'w*y' if weight_first else 'y*w'}",
+                search=search,
+                replace=replace,
+                example_inputs=functools.partial(lambda dt: [torch.randn(2, 3, 8, dtype=dt), torch.randn(8, dtype=dt)], dtype),
+                scalars=scalars,
+                check=_check,
+            )
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Candidates and near-miss reasons, independent of the matcher: an rsqrt of (a mean of squares + something).
+
+
+def _is(node, target) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is target
+
+
+def _mean_of_squares(rsqrt: fx.Node):
+    add = rsqrt.args[0]
+    if not _is(add, aten.add.Tensor):
+        return None, None
+    for term, other in ((add.args[0], add.args[1]), (add.args[1], add.args[0])):
+        if _is(term, aten.mean.dim) and _is(term.args[0], aten.pow.Tensor_Scalar) and term.args[0].args[1] == 2:
+            return term, other
+    return None, None
+
+
+def candidates(graph: fx.Graph) -> list[tuple[str, fx.Node]]:
+    return [
+        ("rms_norm", n) for n in graph.nodes if _is(n, aten.rsqrt.default) and _mean_of_squares(n)[0] is not None
+    ]
+
+
+def explain(rsqrt: fx.Node) -> str:
+    mean, eps = _mean_of_squares(rsqrt)
+    dims = list(mean.args[1])
+    if dims != [-1]:
+        return f"mean of squares reduces dims {dims}, not the last dim alone"
+    if not (len(mean.args) > 2 and mean.args[2]) and not mean.kwargs.get("keepdim"):
+        return "mean of squares without keepdim=True"
+    if isinstance(eps, fx.Node):
+        return "eps is a tensor, not a constant"
+    users = list(rsqrt.users)
+    if len(users) != 1:
+        return f"rsqrt has {len(users)} users; the normalization is shared outside one norm"
+    normed = users[0]
+    if not _is(normed, aten.mul.Tensor):
+        return f"rsqrt feeds {normed.target}, not a multiply by the input"
+    if len(normed.users) != 1:
+        return "the normalized tensor is used outside the norm (it escapes the pattern)"
+    nxt = list(normed.users)[0]
+    if _is(nxt, aten.to.dtype) and len(nxt.users) != 1:
+        return "the normalized tensor (after its cast) is used outside the norm (it escapes the pattern)"
+    return "the weight multiply or cast after the normalization has an unsupported form"
