@@ -74,7 +74,9 @@ def _check(match) -> str | None:
 def patterns() -> list[Pattern]:
     out = []
     for (form, make), dtype, weight_first in itertools.product(
-        (("llama", _llama), ("gemma", _gemma)),
+        # Gemma first: in fp32 the llama form `y * w` would also match `y * (1 + w)` with w := (1 + w), correct
+        # but leaving the add outside the fused op.
+        (("gemma", _gemma), ("llama", _llama)),
         (torch.float32, torch.bfloat16, torch.float16),
         (True, False),
     ):

@@ -1,0 +1,47 @@
+"""Shared helpers for pipeline tests: one eager and one compiled training step on identical copies of a model."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch._dynamo.utils import counters
+
+import liger_fx
+
+
+def batch(vocab: int, b: int = 2, t: int = 16, seed: int = 1, ignore: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (b, t), generator=g)
+    labels = ids.clone()
+    if ignore:
+        labels[:, :ignore] = -100
+    return ids, labels
+
+
+def train_step(model, ids, labels, **kwargs):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=labels, **kwargs)
+    out.loss.backward()
+    module = getattr(model, "_orig_mod", model)  # a compiled module prefixes parameter names with _orig_mod
+    grads = {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
+    return out.loss.detach(), grads
+
+
+def compare_training(model, ids, labels, options=None, atol=1e-5, rtol=1e-4, **kwargs):
+    """Train one step eager and one under backend="liger" on a deep copy; assert loss and every grad match.
+    fp32 tolerances: Inductor reorders reductions, which moves fp32 results by ~1e-7 relative; 1e-4/1e-5 is tight
+    against any real error (a wrong eps or cast moves results by 1e-3 or more)."""
+    compiled = copy.deepcopy(model)
+    ref_loss, ref_grads = train_step(model, ids, labels, **kwargs)
+    fn = torch.compile(compiled, backend="liger", options=options)
+    loss, grads = train_step(fn, ids, labels, **kwargs)
+    torch.testing.assert_close(loss, ref_loss, atol=atol, rtol=rtol)
+    assert set(grads) == set(ref_grads), set(grads) ^ set(ref_grads)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+    return fn
+
+
+def replaced(flag: str) -> int:
+    return counters["liger_fx"][flag]

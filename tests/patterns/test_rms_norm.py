@@ -1,0 +1,139 @@
+import logging
+
+import pytest
+import torch
+import torch.nn as nn
+
+import liger_fx
+from liger_fx.models import mini_model
+from tests.helpers import batch, compare_training, replaced
+
+# RMSNorm sites per tiny model (2 layers): input + post-attention norm per layer, the final norm, and for Qwen3
+# a q_norm and k_norm per layer.
+SITES = {"llama": 5, "gemma": 5, "qwen3": 9}
+
+
+@pytest.mark.parametrize("model_type", sorted(SITES))
+def test_training_matches_eager_and_every_norm_is_fused(model_type):
+    model = mini_model(model_type)
+    ids, labels = batch(model.config.vocab_size)
+    compare_training(model, ids, labels)
+    assert replaced("rms_norm") == SITES[model_type]
+    ops = [r.pattern for rec in liger_fx.get_records() for r in rec.replaced if r.flag == "rms_norm"]
+    form = "gemma" if model_type == "gemma" else "llama"
+    assert all(f"/{form}/" in p for p in ops), ops
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma"])
+def test_inference_matches(model_type):
+    model = mini_model(model_type).eval()
+    ids, _ = batch(model.config.vocab_size)
+    with torch.no_grad():
+        ref = model(ids).logits
+        out = torch.compile(model, backend="liger")(ids).logits
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    assert replaced("rms_norm") == SITES[model_type]
+
+
+def test_flag_off_gives_no_replacement_and_same_numbers():
+    model = mini_model("llama")
+    ids, labels = batch(model.config.vocab_size)
+    compare_training(model, ids, labels, options={"rms_norm": False})
+    assert replaced("rms_norm") == 0
+    misses = [m for rec in liger_fx.get_records() for m in rec.misses if m.flag == "rms_norm"]
+    assert len(misses) == SITES["llama"] and all("flag 'rms_norm' is off" in m.reason for m in misses)
+
+
+def test_three_sequence_lengths_compile_at_most_twice():
+    model = mini_model("llama")
+    fn = torch.compile(model, backend="liger")
+    for t in (16, 24, 40):
+        ids, labels = batch(model.config.vocab_size, t=t)
+        fn(input_ids=ids, labels=labels).loss.backward()
+    graphs_first = 1
+    assert len(liger_fx.get_records()) <= 2 * graphs_first, [r.summary() for r in liger_fx.get_records()]
+    # the dynamic-shape graph was rewritten too
+    assert all(r.counts().get("rms_norm") == (5, 5) for r in liger_fx.get_records())
+
+
+class EscapingNorm(nn.Module):
+    """The normalized tensor is also used after the weight multiply: the pattern must not swallow it."""
+
+    def __init__(self, n=32):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n))
+        self.proj = nn.Linear(n, n)
+
+    def forward(self, x):
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return (self.weight * normed + self.proj(normed)).sum()
+
+
+def test_escaping_intermediate_keeps_numerics_and_is_reported():
+    torch.manual_seed(0)
+    m = EscapingNorm()
+    x = torch.randn(3, 7, 32, requires_grad=True)
+    ref = m(x)
+    gx_ref, = torch.autograd.grad(ref, x)
+    out = torch.compile(m, backend="liger")(x)
+    gx, = torch.autograd.grad(out, x)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(gx, gx_ref, atol=1e-5, rtol=1e-4)
+    assert replaced("rms_norm") == 0
+    (miss,) = [m for rec in liger_fx.get_records() for m in rec.misses]
+    assert "escapes" in miss.reason or "users" in miss.reason, miss.reason
+
+
+class WrongAxisNorm(nn.Module):
+    def __init__(self, n=32):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n))
+
+    def forward(self, x):
+        normed = x * torch.rsqrt(x.pow(2).mean(1, keepdim=True) + 1e-6)  # reduces over T, not the hidden dim
+        return self.weight * normed
+
+
+def test_reduction_over_non_last_dim_is_a_near_miss_with_reason():
+    torch.manual_seed(0)
+    m = WrongAxisNorm()
+    x = torch.randn(3, 7, 32)
+    out = torch.compile(m, backend="liger")(x)
+    torch.testing.assert_close(out, m(x), atol=1e-5, rtol=1e-4)
+    assert replaced("rms_norm") == 0
+    (miss,) = [m for rec in liger_fx.get_records() for m in rec.misses]
+    assert "reduces dims [-2]" in miss.reason, miss.reason
+
+
+def test_eps_is_captured_not_fixed():
+    class Norm(nn.Module):
+        def __init__(self, eps):
+            super().__init__()
+            self.eps, self.weight = eps, nn.Parameter(torch.rand(16) + 0.5)
+
+        def forward(self, x):
+            return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+    x = torch.randn(4, 16) * 1e-2  # small activations make eps matter
+    for eps in (1e-2, 1e-6):
+        torch._dynamo.reset()
+        m = Norm(eps)
+        torch.testing.assert_close(torch.compile(m, backend="liger")(x), m(x), atol=1e-6, rtol=1e-5)
+    assert replaced("rms_norm") == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_model_is_fused_and_within_torch_error(dtype):
+    """In bf16/fp16 the casts are real; the llama variant of that dtype must match. The fused loss must be as close to
+    the fp32 model's as eager's is (STYLE's rule, on the loss)."""
+    from tests.tolerance import assert_close_rule
+
+    model32 = mini_model("llama")
+    ids, labels = batch(model32.config.vocab_size)
+    ref32 = model32(input_ids=ids, labels=labels).loss.detach()
+    model = mini_model("llama").to(dtype)
+    eager = model(input_ids=ids, labels=labels).loss.detach()
+    out = torch.compile(model, backend="liger")(input_ids=ids, labels=labels).loss.detach()
+    assert replaced("rms_norm") == 5
+    assert_close_rule(out, ref32, eager, atol=1e-2, name=f"loss {dtype}")
