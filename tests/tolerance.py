@@ -2,24 +2,41 @@
 
 `ref_fp32` is the reference computed in fp32 from the same inputs; `torch_same_dtype` is the same reference
 computed in the inputs' dtype (what eager torch would give the user). In fp32 the second term is ~0 and atol
-carries the check, so keep atol near fp32 rounding there (1e-5 relative to the data's scale).
+carries the check, so keep atol near fp32 rounding there.
+
+One documented exception, `interpreter_slack`: Triton's CPU interpreter TRUNCATES fp32 -> bf16/fp16 instead of
+rounding to nearest, even with fp_downcast_rounding="rtne" (measured on triton 3.9: 1.4453 -> 1.4375 where torch
+gives 1.4453). That is up to one ulp per rounding and biased toward zero, so under the interpreter a low-precision
+result gets `roundings * eps(dtype) * |value|` more. On CUDA the slack is 0 and the plain rule applies.
 """
+
+import os
 
 import torch
 
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
-def assert_close_rule(ours, ref_fp32, torch_same, atol, name=""):
+
+def interpreter_slack(magnitude, dtype, roundings=1):
+    """Extra bound for values rounded `roundings` times to `dtype` by the interpreter; `magnitude` is |value| (or
+    the sum of |terms| for a reduction over rounded terms)."""
+    if not INTERPRETED or dtype == torch.float32:
+        return 0.0
+    return roundings * torch.finfo(dtype).eps * magnitude.float().abs()
+
+
+def assert_close_rule(ours, ref_fp32, torch_same, atol, name="", slack=0.0):
     ours, ref, same = ours.float(), ref_fp32.float(), torch_same.float()
     assert ours.shape == ref.shape, f"{name}: shape {tuple(ours.shape)} vs {tuple(ref.shape)}"
     assert torch.isfinite(ours).all() or not torch.isfinite(ref).all(), f"{name}: non-finite values"
-    bound = 2 * (same - ref).abs() + atol
+    bound = 2 * (same - ref).abs() + atol + slack
     err = (ours - ref).abs()
     bad = ~(err <= bound)
     if bad.any():
-        i = bad.nonzero()[0].tolist()
+        i = tuple(bad.nonzero()[0].tolist())
         raise AssertionError(
-            f"{name}: {int(bad.sum())} of {ours.numel()} elements out of tolerance; first at {i}: "
-            f"ours {ours[tuple(i)].item():.6g} ref {ref[tuple(i)].item():.6g} torch {same[tuple(i)].item():.6g} "
+            f"{name}: {int(bad.sum())} of {ours.numel()} elements out of tolerance; first at {list(i)}: "
+            f"ours {ours[i].item():.6g} ref {ref[i].item():.6g} torch {same[i].item():.6g} "
             f"(max err {err.max().item():.3g})"
         )
 

@@ -20,8 +20,9 @@ MINI_CONFIGS: dict[str, dict] = {
     "qwen3": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16),
     "phi3": dict(num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2),
     "gpt_neox": dict(num_attention_heads=4, rotary_pct=0.25),
-    "bert": dict(num_attention_heads=4),
-    "roberta": dict(num_attention_heads=4),
+    # dropout off so a compiled step can be compared with eager exactly
+    "bert": dict(num_attention_heads=4, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+    "roberta": dict(num_attention_heads=4, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
 }
 
 _COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, max_position_embeddings=256)

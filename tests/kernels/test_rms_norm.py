@@ -1,0 +1,99 @@
+"""Triton RMSNorm forward and backward against the fp32 reference (CPU: Triton interpreter, small shapes; CUDA: also
+large bf16 shapes)."""
+
+import pytest
+import torch
+
+from liger_fx.kernels.rms_norm import rms_norm_bwd, rms_norm_fwd, rms_norm_ref
+from tests.tolerance import assert_close_rule, interpreter_slack
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+SHAPES = [(2, 128, 512), (5, 123, 123), (1, 1, 64), (3, 37, 96)]  # 111 rows: not a multiple of any block
+if CUDA:
+    SHAPES += [(16384, 4096), (8, 2048, 2048), (4, 2048, 32, 128)]
+FORMS = [("llama", 0.0), ("gemma", 1.0)]
+
+
+def _reference(x, w, eps, offset, casting, dy):
+    """(out, dx, dw) of the torch reference at fp32 and at the inputs' dtype, via autograd."""
+    results = []
+    for dt in (torch.float32, x.dtype):
+        xr = x.detach().to(dt).requires_grad_()
+        wr = w.detach().to(dt).requires_grad_()
+        out = rms_norm_ref(xr, wr, eps, offset, casting)
+        dx, dw = torch.autograd.grad(out, (xr, wr), dy.to(out.dtype))
+        results.append((out, dx, dw))
+    return results
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("casting,offset", FORMS, ids=[f[0] for f in FORMS])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_forward_and_grads(shape, casting, offset, dtype):
+    g = torch.Generator(device=DEVICE).manual_seed(hash((shape, casting)) % 2**31)
+    x = torch.randn(shape, generator=g, device=DEVICE).to(dtype)
+    w = (torch.rand(shape[-1], generator=g, device=DEVICE) + 0.5).to(dtype)
+    dy = torch.randn(shape, generator=g, device=DEVICE).to(dtype)
+    eps = 1e-6
+
+    y = rms_norm_fwd(x, w, eps, offset, casting)
+    dx, dw = rms_norm_bwd(dy, x, w, eps, offset, casting)
+    (ref, rdx, rdw), (same, sdx, sdw) = _reference(x, w, eps, offset, casting, dy)
+
+    # fp32: the second term is ~0 and atol carries the check at fp32 rounding of O(1) values; dW sums over all rows,
+    # so its atol scales with sqrt(rows).
+    rows = x.numel() // shape[-1]
+    atol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert y.dtype == same.dtype and dx.dtype == x.dtype and dw.dtype == w.dtype
+    # Interpreter only: llama rounds twice (normalized value, product); dW sums dy * rounded xhat over the rows.
+    xhat = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+    dw_terms = (dy.float() * xhat).abs().reshape(-1, shape[-1]).sum(0)
+    assert_close_rule(y, ref, same, atol, "out", slack=interpreter_slack(ref, dtype, 2))
+    assert_close_rule(dx, rdx, sdx, atol, "dx", slack=interpreter_slack(rdx, dtype, 1))
+    assert_close_rule(dw, rdw, sdw, atol * rows**0.5, "dw", slack=interpreter_slack(dw_terms, dtype, 2))
+
+
+def test_outputs_are_fully_written(monkeypatch):
+    """Poison every buffer the launchers allocate: an element the kernel forgets to write stays NaN and fails."""
+    real_empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", poisoned_empty)
+    x = torch.randn(7, 200, device=DEVICE)
+    w = torch.rand(200, device=DEVICE) + 0.5
+    y = rms_norm_fwd(x, w, 1e-6)
+    dx, dw = rms_norm_bwd(torch.randn_like(x), x, w, 1e-6)
+    assert torch.isfinite(y).all() and torch.isfinite(dx).all() and torch.isfinite(dw).all()
+
+
+def test_saved_inputs_are_not_written():
+    x = torch.randn(9, 64, device=DEVICE)
+    w = torch.rand(64, device=DEVICE) + 0.5
+    dy = torch.randn_like(x)
+    copies = [t.clone() for t in (x, w, dy)]
+    rms_norm_bwd(dy, x, w, 1e-6)
+    for before, after in zip(copies, (x, w, dy)):
+        assert torch.equal(before, after)
+
+
+def test_library_op_autograd_matches_reference():
+    """The `liger_fx::rms_norm` op (fake, autograd, device dispatch) against autograd through the reference."""
+    import liger_fx.kernels.rms_norm as k
+
+    for casting, offset in FORMS:
+        x = torch.randn(4, 6, 48, device=DEVICE, requires_grad=True)
+        w = (torch.rand(48, device=DEVICE) + 0.5).requires_grad_()
+        dy = torch.randn(4, 6, 48, device=DEVICE)
+        out = k.rms_norm(x, w, 1e-5, offset, casting)
+        dx, dw = torch.autograd.grad(out, (x, w), dy)
+        ref = k.rms_norm_ref(x, w, 1e-5, offset, casting)
+        rdx, rdw = torch.autograd.grad(ref, (x, w), dy)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(dx, rdx, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(dw, rdw, atol=1e-4, rtol=1e-5)
+    torch.library.opcheck(torch.ops.liger_fx.rms_norm.default, (x.detach(), w.detach(), 1e-5, 0.0, "llama"))

@@ -1,0 +1,78 @@
+"""The pipeline: entry point, options, mode, fallback, logging."""
+
+import logging
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import liger_fx
+from liger_fx import backend
+from liger_fx.models import mini_model
+from tests.helpers import batch, compare_training
+
+
+def test_backend_is_registered_by_entry_point_without_import():
+    from importlib.metadata import entry_points
+
+    (ep,) = [e for e in entry_points(group="torch_dynamo_backends") if e.name == "liger"]
+    assert ep.value == "liger_fx.backend:liger_backend"
+    assert "liger" in torch._dynamo.list_backends(exclude_tags=())
+
+
+def test_bad_flag_raises_naming_it():
+    model = mini_model("llama")
+    ids, labels = batch(model.config.vocab_size)
+    fn = torch.compile(model, backend="liger", options={"rms_nrom": False})
+    with pytest.raises(Exception, match="rms_nrom"):
+        fn(input_ids=ids, labels=labels)
+
+
+def test_bad_mode_raises_naming_it():
+    with pytest.raises(ValueError, match="'fastest'"):
+        backend._mode_patches("fastest")
+    assert backend._mode_patches("reduce-overhead") == {"triton.cudagraphs": True}
+
+
+def test_failing_pass_falls_back_to_inductor_with_one_warning(monkeypatch, caplog):
+    def broken(gm, config, record):
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(backend, "PASSES", [*backend.passes(), ("broken", broken)])
+    model = mini_model("llama")
+    ids, labels = batch(model.config.vocab_size)
+    with caplog.at_level(logging.WARNING, logger="liger_fx"):
+        compare_training(model, ids, labels)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and r.name == "liger_fx"]
+    assert len(warnings) == 1 and "injected failure" in warnings[0].getMessage()
+    (record,) = liger_fx.get_records()
+    assert record.fallback and not record.replaced
+    assert sum(counters["liger_fx"].values()) == 0  # a fallback counts nothing
+
+
+def test_info_log_has_one_summary_line_per_graph(caplog):
+    model = mini_model("llama")
+    ids, labels = batch(model.config.vocab_size)
+    with caplog.at_level(logging.INFO, logger="liger_fx"):
+        torch.compile(model, backend="liger")(input_ids=ids, labels=labels)
+    lines = [r.getMessage() for r in caplog.records if r.name == "liger_fx" and r.levelno == logging.INFO]
+    assert len(lines) == len(liger_fx.get_records()) >= 1
+    assert "rms_norm 5/5" in lines[0]
+
+
+def test_record_names_module_paths():
+    model = mini_model("llama")
+    ids, labels = batch(model.config.vocab_size)
+    torch.compile(model, backend="liger")(input_ids=ids, labels=labels)
+    wheres = {r.where for rec in liger_fx.get_records() for r in rec.replaced if r.flag == "rms_norm"}
+    assert {"model.norm", "model.layers.0.input_layernorm", "model.layers.1.post_attention_layernorm"} <= wheres
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta"])
+def test_encoders_have_no_applicable_patterns_and_still_train(model_type):
+    model = mini_model(model_type)
+    ids, labels = batch(model.config.vocab_size)
+    compare_training(model, ids, labels)
+    for rec in liger_fx.get_records():
+        assert not rec.replaced and not rec.fallback
+    assert sum(counters["liger_fx"].values()) == 0
