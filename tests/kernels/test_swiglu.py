@@ -1,0 +1,155 @@
+"""liger_fx::swiglu / swiglu_packed: Triton launchers against an fp32 autograd reference, and the library ops.
+
+On CPU the kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET=1) at a handful of rows; on CUDA the
+same tests run at thousands of rows. The reference is torch autograd of `act(gate) * up` in fp64, independent of the
+hand-written derivatives in kernels/swiglu.py: in fp32 torch's own GELU-tanh gradient is off by 2e-6 relative where
+tanh saturates (1 - tanh^2 cancels), so an fp32 reference would measure torch's error, not ours.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from liger_fx.kernels import swiglu as k
+from tests.tolerance import assert_close_rule, interpreter_slack, poison_
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+WIDTHS = [123, 4864, 11008]
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _rows(device):
+    return (2, 3) if device == "cpu" else (4, 1024)  # the interpreter runs ~1k programs a second
+
+
+def _eager(gate, up, act):
+    a = F.silu(gate) if act == "silu" else F.gelu(gate, approximate="tanh" if act == "gelu_tanh" else "none")
+    return a * up
+
+
+def _eager_fwd_bwd(gate, up, dy, act, dtype):
+    """Forward and both grads of eager torch, computed in `dtype` from the same values."""
+    g = gate.detach().to(dtype).requires_grad_()
+    u = up.detach().to(dtype).requires_grad_()
+    y = _eager(g, u, act)
+    dg, du = torch.autograd.grad(y, (g, u), dy.to(dtype))
+    return y, dg, du
+
+
+def _atol(ref, dtype):
+    """Our one rounding of an fp32 result to `dtype` (half an ulp, eps/2 relative), plus fp32 noise from a different
+    sigmoid/tanh/erf (~1e-6 relative, measured 4e-7); the 2x|torch - ref| term of the rule does the rest. Under the
+    interpreter, which truncates to bf16, one more ulp (tests/tolerance.py)."""
+    return ref.abs().float() * max(torch.finfo(dtype).eps / 2, 1e-6) + 1e-5 + interpreter_slack(ref, dtype, 1)
+
+
+def _check_all(ours, dtype, gate, up, dy, act):
+    ref = _eager_fwd_bwd(gate, up, dy, act, torch.float64)
+    same = _eager_fwd_bwd(gate, up, dy, act, dtype)
+    for name, o, r, s in zip(("out", "dgate", "dup"), ours, ref, same):
+        assert o.dtype == dtype, f"{name}: dtype {o.dtype}"
+        assert_close_rule(o, r, s, _atol(r, dtype), name=f"{name} ({act}, {dtype})")
+
+
+def _inputs(shape, dtype, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    # gate at scale 3 reaches the saturated tails of sigmoid/tanh/erf, where a wrong derivative shows.
+    gate = (3 * torch.randn(shape, generator=g)).to(dtype).to(device)
+    up = torch.randn(shape, generator=g).to(dtype).to(device)
+    dy = torch.randn(shape, generator=g).to(dtype).to(device)
+    return gate, up, dy
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("act", k.ACTS)
+def test_split_forward_and_both_grads(device, dtype, width, act):
+    shape = (*_rows(device), width)
+    gate, up, dy = _inputs(shape, dtype, device)
+    y = k.swiglu_fwd(gate, up, act, out=poison_(torch.empty_like(gate)))
+    dg, du = k.swiglu_bwd(dy, gate, up, act, out=(poison_(torch.empty_like(gate)), poison_(torch.empty_like(up))))
+    _check_all((y, dg, du), dtype, gate, up, dy, act)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("width", [123, 4864])
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+def test_packed_forward_and_grad_of_the_packed_tensor(device, dtype, width, act):
+    shape = (*_rows(device), 2 * width)
+    gate_up, _, _ = _inputs(shape, dtype, device, seed=1)
+    dy = torch.randn(*shape[:-1], width, dtype=torch.float32).to(dtype).to(device)
+    y = k.swiglu_packed_fwd(gate_up, act, out=poison_(gate_up.new_empty(dy.shape)))
+    dgu = k.swiglu_packed_bwd(dy, gate_up, act, out=poison_(torch.empty_like(gate_up)))
+    gate, up = gate_up.chunk(2, dim=-1)
+    dg, du = dgu.chunk(2, dim=-1)
+    _check_all((y, dg, du), dtype, gate, up, dy, act)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_split_reads_strided_halves_in_place(device):
+    """The halves of a packed tensor, passed as views with row stride 2I, give the same result as copies."""
+    gate_up, _, _ = _inputs((*_rows(device), 2 * 123), torch.bfloat16, device, seed=2)
+    gate, up = gate_up.chunk(2, dim=-1)
+    assert gate.stride(-2) == 2 * 123
+    dy = torch.randn(gate.shape).to(gate)
+    y = k.swiglu_fwd(gate, up, "silu")
+    dg, du = k.swiglu_bwd(dy, gate, up, "silu")
+    y_c = k.swiglu_fwd(gate.contiguous(), up.contiguous(), "silu")
+    dg_c, du_c = k.swiglu_bwd(dy, gate.contiguous(), up.contiguous(), "silu")
+    assert torch.equal(y, y_c) and torch.equal(dg, dg_c) and torch.equal(du, du_c)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_zero_rows(device):
+    gate = torch.empty(0, 7, 64, device=device)
+    assert k.swiglu_fwd(gate, gate, "silu").shape == (0, 7, 64)
+    assert k.swiglu_packed_bwd(gate[..., :32], gate, "silu").shape == (0, 7, 64)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The library ops: autograd wiring, fake registration, no writes into saved inputs. On CPU they run the reference.
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("act", k.ACTS)
+def test_ops_autograd_matches_eager_and_leaves_inputs_untouched(device, act):
+    gate, up, dy = _inputs((2, 5, 96), torch.float32, device, seed=3)
+    gate_up = torch.cat([gate, up], dim=-1)
+    saved = [t.clone() for t in (gate, up, gate_up)]
+
+    g, u = gate.clone().requires_grad_(), up.clone().requires_grad_()
+    y = k.swiglu(g, u, act)
+    y.backward(dy)
+    gu = gate_up.clone().requires_grad_()
+    yp = k.swiglu_packed(gu, act)
+    yp.backward(dy)
+    for a, b in zip((g, u, gu), saved):
+        assert torch.equal(a.detach(), b), "an input was written to"
+
+    ref_y, ref_dg, ref_du = _eager_fwd_bwd(gate, up, dy, act, torch.float32)
+    tol = dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y, ref_y, **tol)
+    torch.testing.assert_close(g.grad, ref_dg, **tol)
+    torch.testing.assert_close(u.grad, ref_du, **tol)
+    torch.testing.assert_close(yp, ref_y, **tol)
+    torch.testing.assert_close(gu.grad, torch.cat([ref_dg, ref_du], -1), **tol)
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu"])
+def test_opcheck(act):
+    gate, up, _ = _inputs((3, 4, 16), torch.float32, "cpu", seed=4)
+    torch.library.opcheck(torch.ops.liger_fx.swiglu, (gate.requires_grad_(), up.requires_grad_(), act))
+    gate_up = torch.randn(3, 4, 32, requires_grad=True)
+    torch.library.opcheck(torch.ops.liger_fx.swiglu_packed, (gate_up, act))
+
+
+def test_bad_arguments_name_the_problem():
+    x = torch.randn(2, 8)
+    with pytest.raises(ValueError, match="'relu'"):
+        k.swiglu(x, x, "relu")
+    with pytest.raises(ValueError, match="match in shape"):
+        k.swiglu(x, x[:, :4], "silu")
+    with pytest.raises(ValueError, match="even"):
+        k.swiglu_packed(torch.randn(2, 7))
