@@ -81,7 +81,7 @@ def _num_warps(block_n: int) -> int:
     return min(max(block_n // 512, 1), 16)
 
 
-def rms_norm_fwd(x, weight, eps: float, offset: float = 0.0, casting: str = "llama") -> torch.Tensor:
+def rms_norm_fwd(x, weight, eps: float, offset: float = 0.0, casting: str = "llama", num_warps=None) -> torch.Tensor:
     N = x.shape[-1]
     x2 = x.reshape(-1, N)
     if x2.stride(-1) != 1:
@@ -93,12 +93,13 @@ def rms_norm_fwd(x, weight, eps: float, offset: float = 0.0, casting: str = "lla
     block_n = triton.next_power_of_2(N)
     _rms_norm_fwd_kernel[(M,)](
         x2, weight, y, x2.stride(0), y.stride(0), N, float(eps), float(offset),
-        GEMMA=casting == "gemma", BLOCK_N=block_n, num_warps=_num_warps(block_n),
+        GEMMA=casting == "gemma", BLOCK_N=block_n, num_warps=num_warps or _num_warps(block_n),
     )
     return y.view(x.shape)
 
 
-def rms_norm_bwd(dy, x, weight, eps: float, offset: float = 0.0, casting: str = "llama"):
+def rms_norm_bwd(dy, x, weight, eps: float, offset: float = 0.0, casting: str = "llama", programs_per_sm=4,
+                 num_warps=None):
     N = x.shape[-1]
     x2 = x.reshape(-1, N)
     dy2 = dy.reshape(-1, N)
@@ -109,7 +110,7 @@ def rms_norm_bwd(dy, x, weight, eps: float, offset: float = 0.0, casting: str = 
     M = x2.shape[0]
     dx = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     if x.device.type == "cuda":
-        programs = torch.cuda.get_device_properties(x.device).multi_processor_count * 4
+        programs = torch.cuda.get_device_properties(x.device).multi_processor_count * programs_per_sm
     else:
         programs = 4
     programs = max(1, min(programs, M))
@@ -120,7 +121,7 @@ def rms_norm_bwd(dy, x, weight, eps: float, offset: float = 0.0, casting: str = 
         _rms_norm_bwd_kernel[(programs,)](
             dy2, x2, weight, dx, dw_partial, dy2.stride(0), x2.stride(0), dx.stride(0), M, N,
             float(eps), float(offset), rows_per_program,
-            GEMMA=casting == "gemma", BLOCK_N=block_n, num_warps=_num_warps(block_n),
+            GEMMA=casting == "gemma", BLOCK_N=block_n, num_warps=num_warps or _num_warps(block_n),
         )
     else:
         dw_partial.zero_()
