@@ -1,0 +1,202 @@
+"""lm_head + cross-entropy without the logits: `liger_fx::fused_linear_cross_entropy(h, weight, bias, target,
+ignore_index, reduction, softcap, logit_scale, grad_input, grad_weight) -> (loss, dh, dw, db)`.
+
+    loss = cross_entropy(transform((h @ weight.T + bias).float()), target)   (transform: see kernels/cross_entropy.py)
+
+The (N, V) logits never exist. Rows are processed in chunks of C rows; per chunk:
+    1. logits_c = h_c @ W^T (+ b)           cuBLAS, into one reused (C, V) buffer in h's dtype
+    2. one Triton launch (`ce_rows`): per-row fp32 online max/LSE, the loss, and the logits' gradient written in
+       place into the same buffer (ignored rows 0; already divided by the count for "mean")
+    3. dh_c = dlogits_c @ W;  dW += dlogits_c^T @ h_c;  db += sum(dlogits_c)
+Gradients are computed in the forward: 3 matmuls, 6*N*H*V FLOP, the floor. Recomputing in the backward instead would
+add the logits matmul again (8*N*H*V, +33%) to save nothing: dh and dW have the size of the gradients the backward
+must return anyway. The backward only multiplies the saved dh, dW, db by grad_output, into new tensors (under
+torch.compile Inductor may reuse the saved buffers in place: AOTAutograd donates saved tensors to the backward).
+
+Memory at N=16384, H=4096, V=128256 in bf16 (extra over h, W, target): dW 0.98 GiB + dh 0.125 GiB (the gradients
+themselves) + the (C, V) chunk buffer (0.245 GiB at C=1024) + 64 KiB of per-row losses.
+dW is accumulated in W's dtype with one cuBLAS addmm per chunk (fp32 inside, one bf16 rounding per chunk): an fp32
+accumulator would be 1.96 GiB, twice the whole budget. With N/C = 16 chunks that is up to 16 roundings of the running
+sum, ~2-3x the error of torch's single matmul; the tests check it against the fp32 reference.
+
+When no input needs a gradient (`grad_input` and `grad_weight` False, decided where the op is inserted) only step 1
+and the loss run: 2*N*H*V FLOP.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .cross_entropy import REDUCTIONS, _count, _reduce, ce_rows, cross_entropy_ref, cross_entropy_ref_backward
+
+# Bytes of the (C, V) logits chunk buffer. C = CHUNK_BYTES / (V * itemsize), rounded down to a multiple of 128 rows
+# (a GEMM tile): 1024 rows at V=128256 bf16. Why not smaller: the dW update dW += dlogits_c^T @ h_c reads and writes
+# all of dW (2 GiB of traffic, ~0.45 ms on an H200) per chunk while its compute is 2*C*H*V FLOP (~0.68 ms at C=512,
+# 1.36 ms at C=1024): below ~1024 rows the addmm turns memory-bound and the chunk count (hence bf16 roundings of dW)
+# grows. Why not larger: every 1024 rows cost 0.245 GiB. To be swept on the H200 (bench/kernels_flce.py).
+CHUNK_BYTES = 256 << 20
+
+
+def chunk_rows(N: int, V: int, itemsize: int) -> int:
+    rows = max(128, (CHUNK_BYTES // (V * itemsize)) // 128 * 128)
+    return max(1, min(N, rows))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Launcher (any device Triton runs on, the CPU interpreter included; the matmuls are torch ops)
+
+
+def fused_linear_cross_entropy_fwd(
+    h, weight, bias, target, ignore_index: int = -100, reduction: str = "mean", softcap: float = 0.0,
+    logit_scale: float = 1.0, grad_input: bool = True, grad_weight: bool = True,
+    chunk: int | None = None, block_v: int | None = None,
+):
+    """h (N, H), weight (V, H), bias (V,) or None, target (N,) -> (loss fp32 0-d, dh, dw, db).
+
+    dh is (N, H) if grad_input, dw (V, H) and db (V,) (with a bias) if grad_weight; otherwise empty (0,) tensors."""
+    N, H = h.shape
+    V = weight.shape[0]
+    h = h if h.stride(-1) == 1 else h.contiguous()
+    target = target.contiguous()
+    count = _count(target, ignore_index)
+    losses = torch.empty(N, dtype=torch.float32, device=h.device)
+    lse = torch.empty(N, dtype=torch.float32, device=h.device)  # written by the kernel, not needed after
+    want_db = grad_weight and bias is not None
+    dh = torch.empty_like(h) if grad_input else h.new_empty(0)
+    dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if grad_weight else h.new_empty(0)
+    db = torch.zeros(V, dtype=torch.float32, device=h.device) if want_db else None
+    grad_scale = None
+    if grad_input or grad_weight:
+        one = torch.ones(1, dtype=torch.float32, device=h.device)
+        grad_scale = one / count if reduction == "mean" else one
+
+    C = chunk or chunk_rows(N, V, h.element_size())
+    buf = torch.empty((min(C, N), V), dtype=torch.result_type(h, weight), device=h.device)
+    wt = weight.t()
+    for i, start in enumerate(range(0, N, C)):
+        end = min(start + C, N)
+        h_c, logits = h[start:end], buf[: end - start]
+        if bias is not None:
+            torch.addmm(bias, h_c, wt, out=logits)
+        else:
+            torch.mm(h_c, wt, out=logits)
+        dlogits = logits if grad_scale is not None else None
+        ce_rows(logits, target[start:end], losses[start:end], lse[start:end], ignore_index, softcap, logit_scale,
+                dx=dlogits, grad_scale=grad_scale, block_v=block_v)
+        if grad_input:
+            torch.mm(dlogits, weight, out=dh[start:end])
+        if grad_weight:
+            if i == 0:
+                torch.mm(dlogits.t(), h_c, out=dw)
+            else:
+                dw.addmm_(dlogits.t(), h_c)
+            if want_db:
+                db += dlogits.sum(0, dtype=torch.float32)
+    if grad_weight and N == 0:
+        dw.zero_()
+    db = db.to(bias.dtype) if want_db else h.new_empty(0)
+    return _reduce(losses, count, reduction), dh, dw, db
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reference: the single source of truth for tests, benchmarks and the CPU implementation
+
+
+def fused_linear_cross_entropy_ref(h, weight, bias, target, ignore_index: int = -100, reduction: str = "mean",
+                                   softcap: float = 0.0, logit_scale: float = 1.0) -> torch.Tensor:
+    """What HF computes: logits in h's dtype, upcast, softcap, scale, cross-entropy. Materializes the logits."""
+    logits = torch.nn.functional.linear(h, weight, bias)
+    return cross_entropy_ref(logits, target, ignore_index, reduction, softcap, logit_scale)
+
+
+def fused_linear_cross_entropy_ref_with_grads(h, weight, bias, target, ignore_index: int = -100,
+                                              reduction: str = "mean", softcap: float = 0.0, logit_scale: float = 1.0,
+                                              grad_input: bool = True, grad_weight: bool = True):
+    """(loss, dh, dw, db) as eager autograd computes them (dlogits rounded to the logits' dtype, then the linear's
+    backward), written out because the CPU implementation runs below the autograd key. Not computed: empty (0,)."""
+    logits = torch.nn.functional.linear(h, weight, bias)
+    loss = cross_entropy_ref(logits, target, ignore_index, reduction, softcap, logit_scale)
+    one = torch.ones((), dtype=torch.float32, device=h.device)
+    dl = cross_entropy_ref_backward(one, logits, target, ignore_index, reduction, softcap, logit_scale)
+    # Outputs of a custom op must not alias each other: a fresh empty tensor for each one not computed.
+    dh = dl @ weight if grad_input else h.new_empty(0)
+    dw = dl.t() @ h if grad_weight else h.new_empty(0)
+    db = dl.sum(0) if grad_weight and bias is not None else h.new_empty(0)
+    return loss, dh, dw, db
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The library op
+
+
+@torch.library.custom_op("liger_fx::fused_linear_cross_entropy", mutates_args=())
+def _flce(
+    h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], target: torch.Tensor, ignore_index: int,
+    reduction: str, softcap: float, logit_scale: float, grad_input: bool, grad_weight: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    args = (h, weight, bias, target, ignore_index, reduction, softcap, logit_scale, grad_input, grad_weight)
+    if h.device.type == "cuda":
+        return fused_linear_cross_entropy_fwd(*args)
+    return fused_linear_cross_entropy_ref_with_grads(*args)
+
+
+@_flce.register_fake
+def _(h, weight, bias, target, ignore_index, reduction, softcap, logit_scale, grad_input, grad_weight):
+    return (
+        h.new_empty((), dtype=torch.float32),
+        torch.empty_like(h, memory_format=torch.contiguous_format) if grad_input else h.new_empty(0),
+        torch.empty_like(weight, memory_format=torch.contiguous_format) if grad_weight else h.new_empty(0),
+        torch.empty_like(bias) if grad_weight and bias is not None else h.new_empty(0),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    _, dh, dw, db = output
+    ctx.save_for_backward(dh, dw, db)
+    ctx.mark_non_differentiable(dh, dw, db)
+    ctx.set_materialize_grads(False)  # the gradient outputs are never differentiated: no zeros of their size
+    ctx.computed = inputs[8:10]
+
+
+def _backward(ctx, grad, *_unused):
+    dh, dw, db = ctx.saved_tensors
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    grad_input, grad_weight = ctx.computed
+    if (need_h and not grad_input) or ((need_w or need_b) and not grad_weight):
+        raise RuntimeError(
+            "liger_fx::fused_linear_cross_entropy was called with grad_input/grad_weight off for an input that "
+            "requires grad; pass the flags that match requires_grad (the functional wrapper does)"
+        )
+    if grad is None:
+        return (None,) * 10
+    # New tensors, never a write into the saved ones: this runs once per saved graph, but retain_graph may run it again.
+    return (
+        dh * grad if need_h else None,
+        dw * grad if need_w else None,
+        db * grad if need_b else None,
+        *(None,) * 7,
+    )
+
+
+_flce.register_autograd(_backward, setup_context=_setup_context)
+
+
+def fused_linear_cross_entropy(h, weight, target, bias=None, ignore_index: int = -100, reduction: str = "mean",
+                               softcap: float = 0.0, logit_scale: float = 1.0) -> torch.Tensor:
+    """cross_entropy(transform(linear(h, weight, bias).float()), target) without materializing the logits.
+
+    h (..., H) is flattened to (N, H) and target to (N,). Returns the fp32 loss; gradients are computed only for the
+    inputs that require grad (under grad mode)."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"liger_fx.fused_linear_cross_entropy: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if softcap < 0:
+        raise ValueError(f"liger_fx.fused_linear_cross_entropy: softcap must be >= 0 (0 = none), got {softcap}")
+    grad_on = torch.is_grad_enabled()
+    grad_input = grad_on and h.requires_grad
+    grad_weight = grad_on and (weight.requires_grad or (bias is not None and bias.requires_grad))
+    return torch.ops.liger_fx.fused_linear_cross_entropy(
+        h.reshape(-1, h.shape[-1]), weight, bias, target.reshape(-1), int(ignore_index), reduction, float(softcap),
+        float(logit_scale), grad_input, grad_weight,
+    )[0]
