@@ -10,7 +10,10 @@ Every family module in `patterns/` exposes:
     candidates(graph) -> list[(flag, node)]  anchors found independently of the matcher (e.g. an rsqrt of a mean
                                              of squares); an anchor still in the graph after the pass is a near miss
     explain(node) -> str                     why an anchor did not match when no variant even got to its check
-and optionally `post_pass(graph)`, run after its patterns (e.g. pairing q and k rotations into one launch).
+and optionally `post_pass(graph)`, run after its patterns (e.g. pairing q and k rotations into one launch), and
+`rewrite(graph, config)`: the family's own matcher, for a structure the pattern machinery cannot express (the
+lm_head's logits feed the loss AND are a graph output: a shared intermediate the matcher must refuse). It calls
+`record_replacement` for each rewrite and checks its own flags.
 """
 
 from __future__ import annotations
@@ -183,6 +186,14 @@ def _handle(p: Pattern, match: Match, *args, **kwargs) -> None:
     log.debug("liger_fx: %s replaced at %s (%s)", p.flag, site, p.name)
 
 
+def record_replacement(flag: str, pattern: str, node: fx.Node) -> None:
+    """Record one replacement made by a family's own `rewrite` (the matcher's are recorded by `_handle`); `node` is
+    the replaced node, read for its module path before it is erased."""
+    if _Run.current is not None:
+        _Run.current.record.replaced.append(Rewrite(flag, pattern, where(node)))
+    log.debug("liger_fx: %s replaced at %s (%s)", flag, where(node), pattern)
+
+
 def apply_family(family, gm: fx.GraphModule, config: LigerConfig, record: GraphRecord) -> None:
     graph = gm.graph
     anchors = family.candidates(graph)
@@ -194,6 +205,8 @@ def apply_family(family, gm: fx.GraphModule, config: LigerConfig, record: GraphR
             _matcher(enabled).apply(graph)
             if hasattr(family, "post_pass"):
                 family.post_pass(graph)
+        if hasattr(family, "rewrite"):
+            family.rewrite(graph, config)
     finally:
         _Run.current = None
     for flag, node in anchors:
