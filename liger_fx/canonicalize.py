@@ -10,6 +10,9 @@ IR and match by structure.
 from __future__ import annotations
 
 import contextlib
+import copy
+import itertools
+import operator
 import re
 
 import torch
@@ -34,12 +37,77 @@ def to_aten(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
             args.append(fake_mode.from_tensor(value) if fake_mode else value)
         else:
             args.append(node.meta.get("example_value", value))
+    gm = inline_checkpoints(gm)
     ctx = fake_mode if fake_mode is not None else contextlib.nullcontext()
     with ctx, fx_traceback.preserve_node_meta():
         traced = make_fx(fx.Interpreter(gm).run, pre_dispatch=True)(*args)
     canonicalize(traced.graph)
     traced.recompile()
     return traced
+
+
+def inline_checkpoints(gm: fx.GraphModule) -> fx.GraphModule:
+    """Inline each activation-checkpointed region (`tag_activation_checkpoint(body, *args)`, what Dynamo makes of a
+    non-reentrant `torch.utils.checkpoint`, e.g. HF gradient checkpointing) into a copy of the graph, tagging its
+    nodes as AOTAutograd's own tracing of that op does: `recompute=PREFER_RECOMPUTE` and one increasing
+    `ac_graph_id` per region. The partitioner then recomputes them in the backward as before, and the patterns see
+    the layer body.
+
+    Why: left as a sub-graph, the body is invisible to the matcher, and on torch 2.13 pre-dispatch tracing of the op
+    raises (KeyError `_checkpoint_context_fn`, read for selective checkpointing only), so a checkpointed tiny Llama
+    fell back to plain Inductor with 0 of 5 norms fused. Both tags are in torch.fx.proxy._COPY_META_FIELDS, so they
+    survive our retrace, the pattern replacement and AOTAutograd's. A region with a selective-checkpointing policy
+    (`context_fn`) is left alone: its per-op policy cannot be replayed as tags here. Dynamo's own graph is not
+    touched (the fallback compiles it as it was).
+    """
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    hop = torch.ops.higher_order.tag_activation_checkpoint
+
+    def inlinable(node):
+        if node.op != "call_function" or node.target is not hop or node.args[0].op != "get_attr":
+            return False
+        body = getattr(gm, node.args[0].target)
+        return "_checkpoint_context_fn" not in body.meta and all(
+            u.op == "call_function" and u.target is operator.getitem for u in node.users
+        )
+
+    if not any(inlinable(n) for n in gm.graph.nodes):
+        return gm
+    gm = fx.GraphModule(gm, copy.deepcopy(gm.graph))  # shares the sub-modules, owns its graph
+    graph = gm.graph
+    for node in [n for n in graph.nodes if inlinable(n)]:
+        body = getattr(gm, node.args[0].target)
+        region = next(_ac_region)
+        env = dict(zip([n for n in body.graph.nodes if n.op == "placeholder"], node.args[1:]))
+        with graph.inserting_before(node):
+            for b in body.graph.nodes:
+                if b.op == "placeholder":
+                    continue
+                if b.op == "output":
+                    outs = fx.map_arg(b.args[0], env.__getitem__)
+                    break
+                if b.op == "get_attr":  # a constant or nested sub-graph: carry it over under a fresh name
+                    name = f"_ckpt{region}_{b.target.replace('.', '_')}"
+                    setattr(gm, name, getattr(body, b.target))
+                    new = graph.get_attr(name)
+                    new.meta = dict(b.meta)
+                else:
+                    new = graph.node_copy(b, env.__getitem__)
+                new.meta["recompute"] = CheckpointPolicy.PREFER_RECOMPUTE
+                new.meta["ac_graph_id"] = region
+                env[b] = new
+        for u in list(node.users):
+            u.replace_all_uses_with(outs[u.args[1]])
+            graph.erase_node(u)
+        graph.erase_node(node)
+    graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm
+
+
+_ac_region = itertools.count(1)
 
 
 def trace_pattern(fn, args, **_ignored) -> fx.GraphModule:
