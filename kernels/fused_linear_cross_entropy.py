@@ -183,12 +183,19 @@ def _backward(ctx, grad, *_unused):
 _flce.register_autograd(_backward, setup_context=_setup_context)
 
 
-def fused_linear_cross_entropy(h, weight, target, bias=None, ignore_index: int = -100, reduction: str = "mean",
-                               softcap: float = 0.0, logit_scale: float = 1.0) -> torch.Tensor:
-    """cross_entropy(transform(linear(h, weight, bias).float()), target) without materializing the logits.
+# `liger_fx::linear_cross_entropy`: what the graph rewrite inserts. CompositeImplicitAutograd, so it decomposes where
+# autograd is visible (eager, and AOTAutograd's trace of the rewritten graph) and picks the gradient flags from
+# requires_grad and grad mode there. The pre-dispatch graph the patterns see has no requires_grad on its fake values,
+# so the flags cannot be decided at rewrite time; a plain Python function as the node target would work too but
+# makes AOTAutograd's cache bypass the graph.
+_lib = torch.library.Library("liger_fx", "FRAGMENT")
+_lib.define(
+    "linear_cross_entropy(Tensor h, Tensor weight, Tensor? bias, Tensor target, int ignore_index, str reduction, "
+    "float softcap, float logit_scale) -> Tensor"
+)
 
-    h (..., H) is flattened to (N, H) and target to (N,). Returns the fp32 loss; gradients are computed only for the
-    inputs that require grad (under grad mode)."""
+
+def _linear_cross_entropy(h, weight, bias, target, ignore_index, reduction, softcap, logit_scale):
     if reduction not in REDUCTIONS:
         raise ValueError(f"liger_fx.fused_linear_cross_entropy: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if softcap < 0:
@@ -197,6 +204,20 @@ def fused_linear_cross_entropy(h, weight, target, bias=None, ignore_index: int =
     grad_input = grad_on and h.requires_grad
     grad_weight = grad_on and (weight.requires_grad or (bias is not None and bias.requires_grad))
     return torch.ops.liger_fx.fused_linear_cross_entropy(
-        h.reshape(-1, h.shape[-1]), weight, bias, target.reshape(-1), int(ignore_index), reduction, float(softcap),
-        float(logit_scale), grad_input, grad_weight,
+        h.reshape(-1, h.shape[-1]), weight, bias, target.reshape(-1), ignore_index, reduction, softcap,
+        logit_scale, grad_input, grad_weight,
     )[0]
+
+
+_lib.impl("linear_cross_entropy", _linear_cross_entropy, "CompositeImplicitAutograd")
+
+
+def fused_linear_cross_entropy(h, weight, target, bias=None, ignore_index: int = -100, reduction: str = "mean",
+                               softcap: float = 0.0, logit_scale: float = 1.0) -> torch.Tensor:
+    """cross_entropy(transform(linear(h, weight, bias).float()), target) without materializing the logits.
+
+    h (..., H) is flattened to (N, H) and target to (N,). Returns the fp32 loss; gradients are computed only for the
+    inputs that require grad (under grad mode)."""
+    return torch.ops.liger_fx.linear_cross_entropy(
+        h, weight, bias, target, int(ignore_index), reduction, float(softcap), float(logit_scale)
+    )

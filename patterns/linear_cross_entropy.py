@@ -1,0 +1,266 @@
+"""The causal-LM loss: lm_head + cross-entropy, as transformers 5 computes it (`ForCausalLMLoss`).
+
+    logits = linear(h, W[, b])                    h may be a slice for logits_to_keep (it stays outside)
+    [softcap: tanh(logits / c) * c]               Gemma2 final_logit_softcapping (in the model's dtype)
+    [scale: logits * s  or  logits / s]           Cohere multiplies, Granite divides
+    [.float()]                                    anywhere in between
+    loss = cross_entropy(logits.view(-1, V), labels, ignore_index, reduction)    ["sum" then / num_items_in_batch]
+
+flag `fused_linear_cross_entropy`: replaced by `liger_fx::linear_cross_entropy(h, W, b, labels, ...)`, which never
+materializes the logits for the loss. The label pad + shift and the division by num_items_in_batch (int or tensor)
+stay in the graph untouched.
+flag `cross_entropy`: where no linear feeds the loss (or the flag above is off), the loss on the materialized logits
+becomes `liger_fx::cross_entropy` (fp32 math without an fp32 copy of the logits, gradient in one pass).
+
+Why a walk and not `Pattern`s: the chain between the lm_head and the loss is any order of casts, scalar mul/div,
+views and at most one tanh (2 x 3 x 2 x 3 = 36 search variants with Inductor's matcher), and a plain
+`model(ids, labels=labels)` also returns the logits, so the linear (Gemma2: the softcapped logits) has a user outside
+the loss, which the matcher must refuse. Here the chain is folded into the op's (softcap, logit_scale): scalars
+before the tanh fold into the cap (c * tanh(a*x / c) = a * (c/a) * tanh(x / (c/a))), scalars after it into the scale.
+Intermediates with other users simply stay in the graph for them.
+
+When the logits are also a graph output, the loss is still fused and the linear stays for that output only. In
+training, AOTAutograd then gives the logits output a tangent (zeros, since nothing backpropagates through it; torch
+materializes them: B*T*V in the logits' dtype) and the linear's backward runs on it: 2 more matmuls (4*N*H*V FLOP)
+in the backward. What stays in memory: the logits output (which the caller holds anyway) and, in the backward, its
+zeros tangent. Not returning logits during training (the HF Trainer hook) removes all of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from torch._guards import detect_fake_mode
+
+from liger_fx.rewrite import Pattern, record_replacement
+
+aten = torch.ops.aten
+FLCE, CE = "fused_linear_cross_entropy", "cross_entropy"
+
+_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.alias.default,
+          aten.contiguous.default, aten.clone.default}
+_REDUCTION = {1: "mean", 2: "sum"}
+
+
+def patterns() -> list[Pattern]:
+    return []  # matched by `rewrite` below
+
+
+def _is(node, *targets) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+
+
+def _val(node):
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+@dataclass
+class _Loss:
+    """What the walk back from one `cross_entropy_loss` found."""
+
+    source: fx.Node | None = None  # the logits before any cast/softcap/scale/view
+    target: fx.Node | None = None
+    ignore_index: int = -100
+    reduction: str = "mean"
+    softcap: float = 0.0
+    scale: float = 1.0
+    shared: bool = False  # an intermediate (or the linear) has users outside the loss
+    row_slices: list = field(default_factory=list)  # slices of non-vocabulary dims, moved onto h (last first)
+    reason: str | None = None  # why neither op can take this loss
+    linear_reason: str | None = None  # why the fused linear op cannot (source is not a usable linear)
+
+
+def _tensor_arg(node: fx.Node) -> fx.Node:
+    """The input the chain continues through: the first arg, or for `scalar * x` the second."""
+    a = node.args[0]
+    return node.args[1] if _is(node, aten.mul.Tensor) and not isinstance(a, fx.Node) else a
+
+
+def _ce_args(ce: fx.Node) -> dict:
+    schema = ce.target._schema.arguments
+    vals = {a.name: a.default_value for a in schema if a.has_default_value()}
+    vals.update(zip([a.name for a in schema], ce.args))
+    vals.update(ce.kwargs)
+    return vals
+
+
+def _fold(chain: list[fx.Node]) -> tuple[float, float, str | None]:
+    """(softcap, logit_scale, reason) for the elementwise chain, in forward order."""
+    pre, post, capped = 1.0, 1.0, False
+    for node in chain:
+        if _is(node, aten.tanh.default):
+            if capped:
+                return 0.0, 1.0, "two tanh between the lm_head and the loss"
+            capped, post = True, pre  # tanh(a*x) = a * c * tanh(x / c) with c = 1/|a|
+        elif _is(node, aten.mul.Tensor, aten.div.Tensor):
+            k = node.args[1] if isinstance(node.args[0], fx.Node) else node.args[0]
+            if isinstance(k, fx.Node) or isinstance(node.args[0], fx.Node) == isinstance(node.args[1], fx.Node):
+                return 0.0, 1.0, f"the logits are scaled by a tensor ({node.target}), not a constant"
+            if _is(node, aten.div.Tensor):
+                if not isinstance(node.args[0], fx.Node):
+                    return 0.0, 1.0, "a constant divided by the logits"
+                k = 1.0 / k
+            if capped:
+                post *= k
+            else:
+                pre *= k
+    if not capped:
+        return 0.0, pre, None
+    if pre == 0:
+        return 0.0, 1.0, "the logits are multiplied by 0 before the tanh"
+    return 1.0 / abs(pre), post, None
+
+
+def _analyze(ce: fx.Node) -> _Loss:
+    out = _Loss()
+    args = _ce_args(ce)
+    x, out.target = args["self"], args["target"]
+    if args.get("weight") is not None:
+        out.reason = "a class weight (the fused ops have none)"
+    elif args.get("label_smoothing", 0.0) != 0.0:
+        out.reason = f"label_smoothing={args['label_smoothing']} (the fused ops have none)"
+    elif args.get("reduction") not in _REDUCTION:
+        out.reason = "reduction='none' (per-token losses; the fused ops reduce)"
+    elif not isinstance(args.get("ignore_index"), int):
+        out.reason = "ignore_index is not a constant int"
+    xv, tv = _val(x), _val(out.target)
+    if out.reason is None and (xv is None or tv is None):
+        out.reason = "no shape information"
+    elif out.reason is None and (xv.dim() != 2 or tv.dim() != 1):
+        out.reason = f"input is {xv.dim()}-D and target {tv.dim()}-D; the fused ops take (N, V) logits, (N,) targets"
+    elif out.reason is None and tv.is_floating_point():
+        out.reason = "probability targets (float), not class indices"
+    if out.reason is not None:
+        return out
+    out.ignore_index, out.reduction = args["ignore_index"], _REDUCTION[args["reduction"]]
+    V = xv.shape[-1]
+
+    chain, node = [], x
+    while True:
+        out.shared |= len(node.users) > 1
+        if _is(node, *_VIEWS):
+            v = _val(node.args[0])
+            if v is None or v.dim() == 0 or v.shape[-1] != V:
+                out.reason = f"a {node.target} changes the vocabulary dim before the loss"
+                return out
+            if out.row_slices and tuple(v.shape) != tuple(_val(node).shape):
+                out.reason = "a reshape before a row slice of the logits"  # the slice's dims are not h's
+                return out
+        elif _is(node, aten.slice.Tensor):
+            if node.args[1] == -1:  # canonical dims are negative
+                out.reason = "the vocabulary dim is sliced before the loss"
+                return out
+            out.row_slices.append(node)  # rows only (e.g. the old `logits[:, :-1]` shift): commutes with the linear
+        elif _is(node, aten.to.dtype):
+            if node.args[1] != torch.float32:
+                out.reason = f"a cast to {node.args[1]} before the loss (the fused ops compute in fp32)"
+                return out
+        elif _is(node, aten.mul.Tensor, aten.div.Tensor, aten.tanh.default):
+            chain.append(node)
+        else:
+            break
+        node = _tensor_arg(node)
+    out.source = node
+    out.softcap, out.scale, out.reason = _fold(chain[::-1])
+    if out.reason is not None:
+        return out
+    sv = _val(node)
+    if sv is None or not sv.is_floating_point() or sv.dtype == torch.float64:
+        out.reason = "the logits are not fp32/bf16/fp16"
+        return out
+    out.linear_reason = _linear_reason(node, V)
+    return out
+
+
+def _linear_reason(node: fx.Node, V: int) -> str | None:
+    if not _is(node, aten.linear.default):
+        return f"the loss input is computed by {node.target if node.op == 'call_function' else node.op}, not a linear"
+    h, w, b = node.args[0], node.args[1], node.args[2] if len(node.args) > 2 else None
+    hv, wv, bv = _val(h), _val(w), _val(b)
+    if hv is None or wv is None or (b is not None and bv is None):
+        return "no shape information on the lm_head's inputs"
+    if wv.dim() != 2 or wv.shape[0] != V or hv.shape[-1] != wv.shape[1]:
+        return f"lm_head weight {tuple(wv.shape)} does not map hidden {hv.shape[-1]} to {V} classes"
+    if b is not None and (bv.dim() != 1 or bv.dtype != wv.dtype):
+        return "lm_head bias is not a (V,) vector of the weight's dtype"
+    if hv.dtype != wv.dtype:
+        return f"hidden states are {hv.dtype}, lm_head weight {wv.dtype}"
+    if len({t.device for t in (hv, wv) + ((bv,) if b is not None else ())}) != 1:
+        return "lm_head inputs on different devices"
+    return None
+
+
+def _insert(graph: fx.Graph, ce: fx.Node, target, args) -> fx.Node:
+    """`target(*args)` before ce with ce's metadata and a fake value."""
+    with graph.inserting_before(ce):
+        node = graph.call_function(target, tuple(args))
+    node.meta = {k: v for k, v in ce.meta.items() if k != "val"}
+    vals = fx.map_arg(args, _val)
+    mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+    with mode if mode is not None else contextlib.nullcontext():
+        node.meta["val"] = target(*vals)
+    return node
+
+
+def _replace(graph: fx.Graph, ce: fx.Node, loss: _Loss, fused_linear: bool) -> str:
+    src = loss.source
+    common = (loss.target, loss.ignore_index, loss.reduction, float(loss.softcap), float(loss.scale))
+    if fused_linear:
+        h, w = src.args[0], src.args[1]
+        b = src.args[2] if len(src.args) > 2 else None
+        for sl in reversed(loss.row_slices):  # in forward order
+            h = _insert(graph, ce, aten.slice.Tensor, (h, *sl.args[1:]))
+        new = _insert(graph, ce, torch.ops.liger_fx.linear_cross_entropy.default, (h, w, b, *common))
+    else:
+        x = src
+        for sl in reversed(loss.row_slices):
+            x = _insert(graph, ce, aten.slice.Tensor, (x, *sl.args[1:]))
+        x = _insert(graph, ce, aten.reshape.default, (x, [-1, _val(src).shape[-1]]))
+        pair = _insert(graph, ce, torch.ops.liger_fx.cross_entropy.default, (x, *common))
+        new = _insert(graph, ce, operator.getitem, (pair, 0))
+    if _val(ce).dtype != torch.float32:  # torch's loss has the logits' dtype when nothing upcast them
+        new = _insert(graph, ce, aten.to.dtype, (new, _val(ce).dtype))
+    ce.replace_all_uses_with(new)
+    graph.erase_node(ce)
+    name = FLCE if fused_linear else CE
+    name += f"/{loss.reduction}" + ("/softcap" if loss.softcap else "") + ("/scale" if loss.scale != 1.0 else "")
+    if fused_linear and len(src.args) > 2 and src.args[2] is not None:
+        name += "/bias"
+    return name + ("/logits-kept" if loss.shared else "")
+
+
+def rewrite(graph: fx.Graph, config) -> None:
+    for ce in [n for n in graph.nodes if _is(n, aten.cross_entropy_loss.default)]:
+        loss = _analyze(ce)
+        if loss.reason is not None:
+            continue
+        if getattr(config, FLCE) and loss.linear_reason is None:
+            flag = FLCE
+        elif getattr(config, CE):
+            flag = CE
+        else:
+            continue
+        name = _replace(graph, ce, loss, flag == FLCE)
+        record_replacement(flag, name, ce)  # reads ce's module path from its metadata, kept after erasure
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Candidates and near-miss reasons
+
+
+def candidates(graph: fx.Graph) -> list[tuple[str, fx.Node]]:
+    out = []
+    for ce in graph.nodes:
+        if _is(ce, aten.cross_entropy_loss.default):
+            loss = _analyze(ce)
+            out.append((FLCE if loss.source is not None and _is(loss.source, aten.linear.default) else CE, ce))
+    return out
+
+
+def explain(ce: fx.Node) -> str:
+    loss = _analyze(ce)
+    return loss.reason or loss.linear_reason or "the loss input has an unsupported form"
