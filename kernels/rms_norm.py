@@ -23,49 +23,49 @@ CASTINGS = ("llama", "gemma")
 
 @triton.jit
 def _rms_norm_fwd_kernel(
-    X, W, Y, stride_x, stride_y, N, eps, offset,
-    GEMMA: tl.constexpr, BLOCK_N: tl.constexpr,
+    X, W, Y, stride_x, stride_y, M, N, eps, offset,
+    GEMMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
-    mask = cols < N
-    b_x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    b_w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + offset
-    rstd = tl.rsqrt(tl.sum(b_x * b_x, axis=0) / N + eps)
+    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    b_x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    b_w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32) + offset
+    rstd = tl.rsqrt(tl.sum(b_x * b_x, axis=1) / N + eps)
+    b_xhat = b_x * rstd[:, None]
     if GEMMA:
-        b_y = b_x * rstd * b_w
+        b_y = b_xhat * b_w[None, :]
     else:
         # Round the normalized value to x's dtype before the weight, as the eager module does.
-        b_y = b_w * (b_x * rstd).to(X.dtype.element_ty).to(tl.float32)
-    tl.store(Y + row * stride_y + cols, b_y.to(Y.dtype.element_ty), mask=mask)
+        b_y = b_w[None, :] * b_xhat.to(X.dtype.element_ty).to(tl.float32)
+    tl.store(Y + rows[:, None] * stride_y + cols[None, :], b_y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _rms_norm_bwd_kernel(
-    DY, X, W, DX, DW_PARTIAL, stride_dy, stride_x, stride_dx, M, N, eps, offset, rows_per_program,
-    GEMMA: tl.constexpr, BLOCK_N: tl.constexpr,
+    DY, X, W, DX, DW_PARTIAL, stride_dy, stride_x, stride_dx, M, N, eps, offset, blocks_per_program,
+    GEMMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
-    mask = cols < N
-    b_w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + offset
+    col_mask = cols < N
+    b_w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32) + offset
     b_dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    row_start = pid * rows_per_program
-    for i in range(0, rows_per_program):
-        row = (row_start + i).to(tl.int64)
-        if row < M:
-            b_x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-            b_dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-            rstd = tl.rsqrt(tl.sum(b_x * b_x, axis=0) / N + eps)
-            b_xhat = b_x * rstd
-            if GEMMA:
-                b_dw += b_dy * b_xhat
-            else:
-                b_dw += b_dy * b_xhat.to(X.dtype.element_ty).to(tl.float32)
-            b_g = b_dy * b_w
-            b_dx = rstd * (b_g - b_xhat * (tl.sum(b_g * b_xhat, axis=0) / N))
-            tl.store(DX + row * stride_dx + cols, b_dx.to(DX.dtype.element_ty), mask=mask)
-    tl.store(DW_PARTIAL + pid * N + cols, b_dw, mask=mask)
+    for i in range(0, blocks_per_program):
+        rows = (pid * blocks_per_program + i).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask = (rows[:, None] < M) & col_mask[None, :]
+        b_x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        b_dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(b_x * b_x, axis=1) / N + eps)
+        b_xhat = b_x * rstd[:, None]
+        if GEMMA:
+            b_dw += tl.sum(b_dy * b_xhat, axis=0)
+        else:
+            b_dw += tl.sum(b_dy * b_xhat.to(X.dtype.element_ty).to(tl.float32), axis=0)
+        b_g = b_dy * b_w[None, :]
+        b_dx = rstd[:, None] * (b_g - b_xhat * (tl.sum(b_g * b_xhat, axis=1) / N)[:, None])
+        tl.store(DX + rows[:, None] * stride_dx + cols[None, :], b_dx.to(DX.dtype.element_ty), mask=mask)
+    tl.store(DW_PARTIAL + pid * N + cols, b_dw, mask=col_mask)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -76,12 +76,18 @@ def _out_dtype(x: torch.Tensor, weight: torch.Tensor, casting: str) -> torch.dty
     return x.dtype if casting == "gemma" else torch.promote_types(weight.dtype, x.dtype)
 
 
-def _num_warps(block_n: int) -> int:
-    # 4096 bf16 columns over 8 warps is 16 elements a thread: two 16-byte loads, no spills.
-    return min(max(block_n // 512, 1), 16)
+def _tile(N: int, block_m=None, num_warps=None):
+    """(BLOCK_M, BLOCK_N, num_warps). Rows are packed until a tile holds ~4096 elements: a q/k norm over
+    head_dim 128 would otherwise launch one 128-element program per row (524k programs at B8 T2048 H32).
+    4096 bf16 columns over 8 warps is 16 elements a thread: two 16-byte loads, no spills."""
+    block_n = triton.next_power_of_2(N)
+    block_m = block_m or max(1, min(64, 4096 // block_n))
+    warps = num_warps or min(max(block_m * block_n // 512, 1), 16)
+    return block_m, block_n, warps
 
 
-def rms_norm_fwd(x, weight, eps: float, offset: float = 0.0, casting: str = "llama", num_warps=None) -> torch.Tensor:
+def rms_norm_fwd(x, weight, eps: float, offset: float = 0.0, casting: str = "llama", block_m=None,
+                 num_warps=None) -> torch.Tensor:
     N = x.shape[-1]
     x2 = x.reshape(-1, N)
     if x2.stride(-1) != 1:
@@ -90,16 +96,21 @@ def rms_norm_fwd(x, weight, eps: float, offset: float = 0.0, casting: str = "lla
     M = x2.shape[0]
     if M == 0:
         return y.view(x.shape)
-    block_n = triton.next_power_of_2(N)
-    _rms_norm_fwd_kernel[(M,)](
-        x2, weight, y, x2.stride(0), y.stride(0), N, float(eps), float(offset),
-        GEMMA=casting == "gemma", BLOCK_N=block_n, num_warps=num_warps or _num_warps(block_n),
+    block_m, block_n, warps = _tile(N, block_m, num_warps)
+    _rms_norm_fwd_kernel[(triton.cdiv(M, block_m),)](
+        x2, weight, y, x2.stride(0), y.stride(0), M, N, float(eps), float(offset),
+        GEMMA=casting == "gemma", BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
     )
     return y.view(x.shape)
 
 
-def rms_norm_bwd(dy, x, weight, eps: float, offset: float = 0.0, casting: str = "llama", programs_per_sm=4,
-                 num_warps=None):
+# Backward programs per SM. Measured on the H200 at 16384x4096 bf16 (one row per block, 8 warps): 1 -> 0.257 ms,
+# 2 -> 0.164, 4 -> 0.185, 8 -> 0.173, 16 -> 0.161. Few programs keep the fp32 dW partials small (2 x 132 x N).
+PROGRAMS_PER_SM = 2
+
+
+def rms_norm_bwd(dy, x, weight, eps: float, offset: float = 0.0, casting: str = "llama",
+                 programs_per_sm=PROGRAMS_PER_SM, block_m=None, num_warps=None):
     N = x.shape[-1]
     x2 = x.reshape(-1, N)
     dy2 = dy.reshape(-1, N)
@@ -109,19 +120,21 @@ def rms_norm_bwd(dy, x, weight, eps: float, offset: float = 0.0, casting: str = 
         dy2 = dy2.contiguous()
     M = x2.shape[0]
     dx = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    block_m, block_n, warps = _tile(N, block_m, num_warps)
+    blocks = triton.cdiv(M, block_m)
     if x.device.type == "cuda":
         programs = torch.cuda.get_device_properties(x.device).multi_processor_count * programs_per_sm
     else:
         programs = 4
-    programs = max(1, min(programs, M))
-    rows_per_program = triton.cdiv(M, programs)
+    programs = max(1, min(programs, blocks))
+    blocks_per_program = triton.cdiv(blocks, programs)
+    programs = triton.cdiv(blocks, blocks_per_program)
     dw_partial = torch.empty((programs, N), dtype=torch.float32, device=x.device)
     if M > 0:
-        block_n = triton.next_power_of_2(N)
         _rms_norm_bwd_kernel[(programs,)](
             dy2, x2, weight, dx, dw_partial, dy2.stride(0), x2.stride(0), dx.stride(0), M, N,
-            float(eps), float(offset), rows_per_program,
-            GEMMA=casting == "gemma", BLOCK_N=block_n, num_warps=num_warps or _num_warps(block_n),
+            float(eps), float(offset), blocks_per_program,
+            GEMMA=casting == "gemma", BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
         )
     else:
         dw_partial.zero_()

@@ -10,7 +10,7 @@ from tests.tolerance import assert_close_rule, interpreter_slack
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 
-SHAPES = [(2, 128, 512), (5, 123, 123), (1, 1, 64), (3, 37, 96)]  # 111 rows: not a multiple of any block
+SHAPES = [(2, 128, 512), (5, 123, 123), (1, 1, 64), (3, 37, 96), (3, 37, 4, 128)]  # 111 rows: no block multiple; q/k-norm rows of 128
 if CUDA:
     SHAPES += [(16384, 4096), (8, 2048, 2048), (4, 2048, 32, 128)]
 FORMS = [("llama", 0.0), ("gemma", 1.0)]
