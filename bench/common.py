@@ -27,8 +27,9 @@ GiB = 1024**3
 EXTRA_PEAK_DEFINITION = (
     "extra GiB = max_memory_allocated during one fwd+bwd call - memory_allocated just before it (inputs, weights and "
     "the upstream gradient already exist; input .grad set to None first). It INCLUDES the input gradients the call "
-    "produces. net GiB = extra GiB - bytes of those input gradients (dx, dW, ...), i.e. what an implementation holds "
-    "beyond the outputs every implementation must return."
+    "produces. net GiB = extra GiB - the size of those input gradients (dx, dW, ...: the inputs' own sizes), i.e. what "
+    "an implementation holds beyond the outputs every implementation must return; negative when a provider writes "
+    "gradients into storage it did not allocate in the call (liger-kernel's in-place backward)."
 )
 
 
@@ -192,7 +193,7 @@ def smoke_codegen():
 
 
 def extra_peak_bytes(fn: Callable, device, grad_to_none=()) -> tuple[int | None, int | None]:
-    """(extra, input-grad bytes) of one fn() call; see EXTRA_PEAK_DEFINITION. (None, None) off CUDA."""
+    """(extra bytes, input-gradient bytes) of one fn() call; see EXTRA_PEAK_DEFINITION. (None, None) off CUDA."""
     if torch.device(device).type != "cuda":
         return None, None
     for t in grad_to_none:
@@ -204,9 +205,10 @@ def extra_peak_bytes(fn: Callable, device, grad_to_none=()) -> tuple[int | None,
     out = fn()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated()
-    grads = sum(t.grad.nbytes for t in grad_to_none if t.grad is not None)
     del out
-    return peak - base, grads
+    # The input gradients every implementation must return have the inputs' sizes; counted statically, so a provider
+    # that returns grads through autograd.grad (not .grad) or writes them into its inputs is measured the same way.
+    return peak - base, sum(t.nbytes for t in grad_to_none)
 
 
 def rel_err(ours, ref) -> float:

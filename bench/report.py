@@ -203,8 +203,10 @@ def short_summary(results: dict) -> str:
 
 def plot_e2e(results: dict, path: str) -> str | None:
     """Bar plot of tok/s and peak GiB per variant, one column per shape. Returns None, or why no plot was made."""
-    rows = [r for r in results.get("e2e", []) if r.get("status") == "ok"]
-    if not rows:
+    # Variants that ran and failed keep their place, labelled, so a crash is as visible as a number.
+    rows = [r for r in results.get("e2e", [])
+            if r.get("status") == "ok" or str(r.get("status", "")).startswith(("crashed", "error", "timeout"))]
+    if not any(r.get("status") == "ok" for r in rows):
         return "no successful end-to-end run to plot"
     try:
         import matplotlib
@@ -214,7 +216,7 @@ def plot_e2e(results: dict, path: str) -> str | None:
     except ImportError as e:  # bench-only extra: `pip install liger-fx[bench]`
         return f"matplotlib not available ({e})"
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
-    fig, axes = plt.subplots(2, len(shapes), figsize=(5.5 * len(shapes), 7), squeeze=False)
+    fig, axes = plt.subplots(2, len(shapes), figsize=(max(7.0, 5.5 * len(shapes)), 7.5), squeeze=False)
     for j, shape in enumerate(shapes):
         rs = [r for r in rows if r["shape"] == shape]
         names = [r["variant"].replace("_", "\n", 1) for r in rs]
@@ -226,9 +228,10 @@ def plot_e2e(results: dict, path: str) -> str | None:
             ax.set_xticks(range(len(rs)), names, fontsize=7)
             ax.set_ylabel(label)
             ax.set_title(f"{shape}: {label}", fontsize=9)
-            for b, v in zip(bars, vals):
-                ax.annotate(format(v, spec), (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=7)
-    fig.suptitle(env_line(results.get("env", {})), fontsize=7)
+            for b, v, r in zip(bars, vals, rs):
+                text = format(v, spec) if r.get("status") == "ok" else r["status"].split(" ")[0]
+                ax.annotate(text, (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=7)
+    fig.suptitle(env_line(results.get("env", {})).replace(" · transformers", "\ntransformers"), fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -272,15 +275,41 @@ def update_results_md(results: dict, path: str) -> None:
         f.write(text)
 
 
+def merge(runs: list[dict]) -> dict:
+    """Several runs (e.g. two device calls) as one: a later row replaces an earlier one of the same kernel/provider or
+    shape/variant unless the later one was only skipped for time. Each row keeps its own env stamp."""
+    from bench.e2e import add_loss_diffs
+
+    out = dict(runs[0])
+    for kind, ident in (("kernels", ("key", "name", "provider")), ("e2e", ("shape", "variant"))):
+        rows: dict = {}
+        for run in runs:
+            for r in run.get(kind, []):
+                k = tuple(r.get(f) for f in ident)
+                if k in rows and str(r.get("status", "")).startswith("skipped"):
+                    continue
+                rows[k] = r
+        out[kind] = list(rows.values())
+    out["ceilings"] = next((r["ceilings"] for r in runs if r.get("ceilings")), {})
+    out["notes"] = list(dict.fromkeys(n for r in runs for n in r.get("notes", [])))
+    if len(runs) > 1:
+        out["notes"].append(f"merged from {len(runs)} runs: " + "; ".join(env_line(r.get("env", {})) for r in runs))
+    add_loss_diffs(out["e2e"])
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("json", help="results.json written by python -m bench.run")
+    p.add_argument("json", nargs="+", help="results.json written by python -m bench.run (several are merged)")
     p.add_argument("--update", metavar="RESULTS_MD", help="update this RESULTS.md (latest block + history rows)")
     p.add_argument("--plot", metavar="PNG", help="write the tok/s and peak bar plot here")
     args = p.parse_args(argv)
-    with open(args.json) as f:
-        results = json.load(f)
+    runs = []
+    for path in args.json:
+        with open(path) as f:
+            runs.append(json.load(f))
+    results = merge(runs)
     print(render_markdown(results))
     if args.plot:
         why = plot_e2e(results, args.plot)
