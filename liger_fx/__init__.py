@@ -18,4 +18,8 @@ from .backend import liger_backend
 from .config import LigerConfig
 from .rewrite import clear_records, get_records
 
-__all__ = ["LigerConfig", "liger_backend", "get_records", "clear_records"]
+# The function shadows its module's name on the package: import the module's other names with
+# `from liger_fx.report import ...`, which goes through sys.modules and still works.
+from .report import report
+
+__all__ = ["LigerConfig", "liger_backend", "get_records", "clear_records", "report"]
