@@ -112,12 +112,23 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def time_ms(fn: Callable, device, grad_to_none=(), warmup_ms: float = 25, rep_ms: float = 100) -> tuple:
-    """(median, p20, p80) milliseconds of fn()."""
+def time_ms(fn: Callable, device, grad_to_none=(), warmup_ms: float = 25, rep_ms: float = 100,
+            min_reps: int = 10) -> tuple:
+    """(median, p20, p80) milliseconds of fn(), over at least `min_reps` timed calls."""
     grad_to_none = list(grad_to_none)
     if torch.device(device).type == "cuda":
         import triton.testing
 
+        # do_bench sizes its reps from `rep` ms: a 90 ms linear+CE at rep=200 would get 2 samples, too few for a
+        # p20/p80. Stretch rep to min_reps calls, from one timed call.
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        for t in grad_to_none:
+            t.grad = None
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        rep_ms = max(rep_ms, min_reps * start.elapsed_time(end))
         med, p20, p80 = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none or None,
                                                 quantiles=[0.5, 0.2, 0.8])
         return float(med), float(p20), float(p80)

@@ -57,7 +57,8 @@ SHAPES = {
     "llama-1b": Shape(
         "llama",
         dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-             num_key_value_heads=8, head_dim=64, tie_word_embeddings=True, rope_theta=500000.0, rms_norm_eps=1e-5,
+             num_key_value_heads=8, head_dim=64, tie_word_embeddings=True, rms_norm_eps=1e-5,
+             rope_parameters=dict(rope_type="default", rope_theta=500000.0),
              max_position_embeddings=8192, hidden_act="silu"),
         batch=8, seq=2048, smoke=dict(_SMOKE_BODY, vocab_size=512),
         why="Llama-3.2-1B shape (llama3 rope scaling left out: it changes inv_freq values, not the work)",
@@ -70,7 +71,8 @@ SHAPES = {
     "qwen2-0.5b": Shape(
         "qwen2",
         dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-             num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1000000.0, rms_norm_eps=1e-6,
+             num_key_value_heads=2, tie_word_embeddings=True, rms_norm_eps=1e-6,
+             rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
              max_position_embeddings=8192, hidden_act="silu", use_sliding_window=False),
         batch=8, seq=2048, smoke=dict(_SMOKE_BODY, vocab_size=640),
         why="Qwen2-0.5B shape: vocab 151936, tied embeddings",
@@ -224,6 +226,9 @@ def run_one(shape_name: str, variant: str, *, smoke: bool, device, steps: int, w
     return {
         "shape": shape_name, "variant": variant, "status": "ok", "device": str(device), "dtype": str(dtype),
         "batch": B, "seq": T, "steps": steps, "warmup": warmup, "params": n_params,
+        "config": {k: getattr(model.config, k, None) for k in (
+            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "tie_word_embeddings", "rope_parameters", "_attn_implementation")},
         "tok_s": B * T * steps / timed_s if steps else None,
         "step_ms": statistics.median(step_ms) if step_ms else None,
         "peak_gib": torch.cuda.max_memory_allocated() / GiB if cuda else None,
@@ -271,9 +276,12 @@ def run_variant_subprocess(shape: str, variant: str, *, smoke: bool, device, ste
             try:
                 rc = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
                 rc = None
+            try:  # the child's session: itself on timeout, and any compile worker it left behind
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            proc.wait()
             log.seek(0)
             text = log.read()
         res = {}
@@ -288,10 +296,13 @@ def run_variant_subprocess(shape: str, variant: str, *, smoke: bool, device, ste
     res.setdefault("variant", variant)
     res["wall_s"] = time.perf_counter() - t0
     res["log_tail"] = text.splitlines()[-40:]
-    if rc is None:
+    if "status" in res:  # the child's own verdict (a caught CUDA error included)
+        if rc is None:
+            res["error"] = (res.get("error", "") + f" (then hung on exit: killed after {timeout:.0f} s)").strip()
+    elif rc is None:
         res["status"] = f"timeout after {timeout:.0f} s"
         res["error"] = f"killed in phase: {phase}"
-    elif "status" not in res:
+    else:
         sig = f" (signal {-rc})" if rc < 0 else ""
         res["status"] = f"crashed (exit {rc}{sig})"
         res["error"] = f"in phase '{phase}': {_error_line(text)}"
@@ -375,10 +386,15 @@ def main(argv=None) -> int:
     else:
         res = _guarded(args.shape, args.variant, kw, phase=phase)
     with open(args.result, "w") as f:
-        json.dump(res, f)
+        json.dump(res, f, default=str)
     print(f"[{args.shape}/{args.variant}] {res['status']}", flush=True)
     return 0 if res["status"] == "ok" or res["status"].startswith("unavailable") else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter teardown: after a CUDA error (the expected illegal memory access) it can hang or crash, and
+    # the result is already written. The parent kills this process group afterwards.
+    os._exit(code)
