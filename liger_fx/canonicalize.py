@@ -41,6 +41,9 @@ def to_aten(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
     ctx = fake_mode if fake_mode is not None else contextlib.nullcontext()
     with ctx, fx_traceback.preserve_node_meta():
         traced = make_fx(fx.Interpreter(gm).run, pre_dispatch=True)(*args)
+    # The traced values drop requires_grad; keep it on the inputs, so a guard can tell a learned tensor from a buffer.
+    for node, value in zip((n for n in traced.graph.nodes if n.op == "placeholder"), args):
+        node.meta["requires_grad"] = bool(getattr(value, "requires_grad", False))
     canonicalize(traced.graph)
     traced.recompile()
     return traced
