@@ -14,6 +14,7 @@ if not _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "kernels")) and 
     __path__.append(_root)
 
 from . import kernels  # noqa: F401  (registers the liger_fx:: ops)
+from .api import apply  # liger_fx.apply(model, **flags): compile in place, no logits in training steps
 from .backend import liger_backend
 from .config import LigerConfig
 from .rewrite import clear_records, get_records
@@ -22,4 +23,4 @@ from .rewrite import clear_records, get_records
 # `from liger_fx.report import ...`, which goes through sys.modules and still works.
 from .report import report
 
-__all__ = ["LigerConfig", "liger_backend", "get_records", "clear_records", "report"]
+__all__ = ["LigerConfig", "apply", "liger_backend", "get_records", "clear_records", "report"]
