@@ -104,8 +104,10 @@ def _empty_like(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out if out.stride(-1) == 1 or out.numel() <= 1 else torch.empty(x.shape, dtype=dtype, device=x.device)
 
 
-def _check_args(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> int:
-    """Validate shapes; return the head axis: a non-channel axis of x along which cos and sin are broadcast."""
+def rope_axes(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k: torch.Tensor | None = None) -> list[int]:
+    """Validate shapes (ValueError naming the problem); return the axes of x that can be the head axis, the one a
+    program iterates: axes along which cos/sin are broadcast and, with k, the axis where q and k differ if they do.
+    Chooses nothing, so a guard on symbolic shapes can call it without comparing sizes across symbols."""
     if x.dim() not in (3, 4):
         raise ValueError(f"liger_fx.rope: x must be 3-D or 4-D, got shape {tuple(x.shape)}")
     if cos.shape != sin.shape:
@@ -117,23 +119,26 @@ def _check_args(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> int:
         raise ValueError(f"liger_fx.rope: cos {tuple(cos.shape)} has more dims than x {tuple(x.shape)}")
     cshape = (1,) * (x.dim() - cos.dim()) + tuple(cos.shape)
     for a in range(x.dim() - 1):
-        if cshape[a] not in (1, x.shape[a]):
+        if cshape[a] != 1 and cshape[a] != x.shape[a]:
             raise ValueError(f"liger_fx.rope: cos {tuple(cos.shape)} does not broadcast to x {tuple(x.shape)}")
-    axes = [a for a in range(x.dim() - 1) if cshape[a] == 1] or [a for a in range(x.dim() - 1) if x.shape[a] == 1]
+    axes = [a for a in range(x.dim() - 1) if cshape[a] == 1]
     if not axes:
         raise ValueError(f"liger_fx.rope: cos {tuple(cos.shape)} varies along every axis of x {tuple(x.shape)}; "
                          "one (the head axis) must be broadcast")
-    return max(axes, key=lambda a: x.shape[a])  # rotate the most heads per cos row
+    if k is None:
+        return axes
+    rope_axes(k, cos, sin)
+    differ = [a for a in range(x.dim() - 1) if k.dim() == x.dim() and k.shape[a] != x.shape[a]]
+    if k.dim() != x.dim() or k.shape[-1] != x.shape[-1] or len(differ) > 1 or (differ and differ[0] not in axes):
+        raise ValueError(f"liger_fx.rope_qk: q {tuple(x.shape)} and k {tuple(k.shape)} may differ only on one axis "
+                         f"along which cos {tuple(cos.shape)} is broadcast (the head axis)")
+    return differ or axes
 
 
 def _launch(x, k, cos, sin, x_dtype, k_dtype, backward: bool):
     """Shared by all four ops: rotate x (and k) with cos/sin; `backward` applies the transposed rotation."""
-    axis = _check_args(x, cos, sin)
+    axis = max(rope_axes(x, cos, sin, k), key=lambda a: x.shape[a])  # the most heads per cos row
     nd = x.dim()
-    if k is not None and (k.dim() != nd or k.shape[-1] != x.shape[-1]
-                          or any(k.shape[a] != x.shape[a] for a in range(nd - 1) if a != axis)):
-        raise ValueError(f"liger_fx.rope_qk: q {tuple(x.shape)} and k {tuple(k.shape)} must agree on every axis "
-                         f"but the head axis {axis}")
     D, rd = x.shape[-1], cos.shape[-1]
     y = _empty_like(x, x_dtype)
     ky = _empty_like(k, k_dtype) if k is not None else None
@@ -235,7 +240,7 @@ def _cpu(fn, like, dtype, *args):
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     if x.device.type == "cuda":
         return rope_fwd(x, cos, sin, out_dtype)
-    _check_args(x, cos, sin)
+    rope_axes(x, cos, sin)
     return _cpu(rope_ref, x, out_dtype, x, cos, sin, out_dtype)
 
 
@@ -262,8 +267,7 @@ def _rope_qk(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if q.device.type == "cuda":
         return rope_qk_fwd(q, k, cos, sin, q_dtype, k_dtype)
-    _check_args(q, cos, sin)
-    _check_args(k, cos, sin)
+    rope_axes(q, cos, sin, k)
     return _cpu(rope_ref, q, q_dtype, q, cos, sin, q_dtype), _cpu(rope_ref, k, k_dtype, k, cos, sin, k_dtype)
 
 

@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
 
-from liger_fx.kernels.rope import _check_args
+from liger_fx.kernels.rope import rope_axes
 from liger_fx.rewrite import Pattern
 
 aten = torch.ops.aten
@@ -146,7 +146,7 @@ def _check(partial: bool, spelling: str, upcast: str, match) -> str | None:
     if cos.shape[-1] != rd or sin.shape[-1] != rd:
         return f"cos/sin width {cos.shape[-1]} differs from the rotated width {rd}"
     try:
-        _check_args(x, cos, sin)
+        rope_axes(x, cos, sin)
     except ValueError as e:
         return str(e).removeprefix("liger_fx.rope: ")
     out = _val(match.output_node())
@@ -250,13 +250,12 @@ def _drop_empty_pass(graph: fx.Graph) -> None:
 
 
 def _mergeable(a: fx.Node, b: fx.Node) -> bool:
-    q, k, cos, sin = _val(a.args[0]), _val(b.args[0]), _val(a.args[1]), _val(a.args[2])
+    q, k, cos, sin = (_val(n) for n in (a.args[0], b.args[0], a.args[1], a.args[2]))
     try:
-        axis = _check_args(q, cos, sin)
+        rope_axes(q, cos, sin, k)
     except ValueError:
         return False
-    return (k.dim() == q.dim() and k.device == q.device and k.shape[-1] == q.shape[-1]
-            and all(k.shape[i] == q.shape[i] for i in range(q.dim() - 1) if i != axis))
+    return k.device == q.device
 
 
 def _merge(graph: fx.Graph) -> None:
