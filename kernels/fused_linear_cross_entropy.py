@@ -189,10 +189,14 @@ _flce.register_autograd(_backward, setup_context=_setup_context)
 # so the flags cannot be decided at rewrite time; a plain Python function as the node target would work too but
 # makes AOTAutograd's cache bypass the graph.
 _lib = torch.library.Library("liger_fx", "FRAGMENT")
-_lib.define(
-    "linear_cross_entropy(Tensor h, Tensor weight, Tensor? bias, Tensor target, int ignore_index, str reduction, "
-    "float softcap, float logit_scale) -> Tensor"
-)
+# From a source checkout, transformers' probe for the hub `kernels` package can import this directory a second time
+# as top-level `kernels`; defining the op twice would raise.
+_DEFINED = hasattr(torch.ops.liger_fx, "linear_cross_entropy")
+if not _DEFINED:
+    _lib.define(
+        "linear_cross_entropy(Tensor h, Tensor weight, Tensor? bias, Tensor target, int ignore_index, str reduction, "
+        "float softcap, float logit_scale) -> Tensor"
+    )
 
 
 def _linear_cross_entropy(h, weight, bias, target, ignore_index, reduction, softcap, logit_scale):
@@ -209,7 +213,8 @@ def _linear_cross_entropy(h, weight, bias, target, ignore_index, reduction, soft
     )[0]
 
 
-_lib.impl("linear_cross_entropy", _linear_cross_entropy, "CompositeImplicitAutograd")
+if not _DEFINED:
+    _lib.impl("linear_cross_entropy", _linear_cross_entropy, "CompositeImplicitAutograd")
 
 
 def fused_linear_cross_entropy(h, weight, target, bias=None, ignore_index: int = -100, reduction: str = "mean",

@@ -112,67 +112,71 @@ def _fold(chain: list[fx.Node]) -> tuple[float, float, str | None]:
         return 0.0, pre, None
     if pre == 0:
         return 0.0, 1.0, "the logits are multiplied by 0 before the tanh"
-    return 1.0 / abs(pre), post, None
+    # Gemma2's x / 30 ... * 30 folds to a post scale of (1/30) * 30, which fp64 may round off 1.0 by an ulp.
+    return 1.0 / abs(pre), 1.0 if abs(post - 1.0) < 1e-12 else post, None
 
 
-def _analyze(ce: fx.Node) -> _Loss:
-    out = _Loss()
-    args = _ce_args(ce)
-    x, out.target = args["self"], args["target"]
+def _args_reason(args: dict, xv, tv) -> str | None:
     if args.get("weight") is not None:
-        out.reason = "a class weight (the fused ops have none)"
-    elif args.get("label_smoothing", 0.0) != 0.0:
-        out.reason = f"label_smoothing={args['label_smoothing']} (the fused ops have none)"
-    elif args.get("reduction") not in _REDUCTION:
-        out.reason = "reduction='none' (per-token losses; the fused ops reduce)"
-    elif not isinstance(args.get("ignore_index"), int):
-        out.reason = "ignore_index is not a constant int"
-    xv, tv = _val(x), _val(out.target)
-    if out.reason is None and (xv is None or tv is None):
-        out.reason = "no shape information"
-    elif out.reason is None and (xv.dim() != 2 or tv.dim() != 1):
-        out.reason = f"input is {xv.dim()}-D and target {tv.dim()}-D; the fused ops take (N, V) logits, (N,) targets"
-    elif out.reason is None and tv.is_floating_point():
-        out.reason = "probability targets (float), not class indices"
-    if out.reason is not None:
-        return out
-    out.ignore_index, out.reduction = args["ignore_index"], _REDUCTION[args["reduction"]]
-    V = xv.shape[-1]
+        return "a class weight (the fused ops have none)"
+    if args.get("label_smoothing", 0.0) != 0.0:
+        return f"label_smoothing={args['label_smoothing']} (the fused ops have none)"
+    if args.get("reduction") not in _REDUCTION:
+        return "reduction='none' (per-token losses; the fused ops reduce)"
+    if not isinstance(args.get("ignore_index"), int):
+        return "ignore_index is not a constant int"
+    if xv.dim() != 2 or tv.dim() != 1:
+        return f"input is {xv.dim()}-D and target {tv.dim()}-D; the fused ops take (N, V) logits, (N,) targets"
+    if tv.is_floating_point():
+        return "probability targets (float), not class indices"
+    return None
 
+
+def _walk(x: fx.Node, V, out: _Loss) -> str | None:
+    """From the loss input back to the logits' source through views, row slices, fp32 casts, scalar mul/div and
+    tanh; fills out.source, shared, row_slices, softcap, scale. Returns a reason if the chain cannot be folded."""
     chain, node = [], x
     while True:
         out.shared |= len(node.users) > 1
         if _is(node, *_VIEWS):
             v = _val(node.args[0])
             if v is None or v.dim() == 0 or v.shape[-1] != V:
-                out.reason = f"a {node.target} changes the vocabulary dim before the loss"
-                return out
+                return f"a {node.target} changes the vocabulary dim before the loss"
             if out.row_slices and tuple(v.shape) != tuple(_val(node).shape):
-                out.reason = "a reshape before a row slice of the logits"  # the slice's dims are not h's
-                return out
+                return "a reshape before a row slice of the logits"  # the slice's dims would not be h's
         elif _is(node, aten.slice.Tensor):
             if node.args[1] == -1:  # canonical dims are negative
-                out.reason = "the vocabulary dim is sliced before the loss"
-                return out
+                return "the vocabulary dim is sliced before the loss"
             out.row_slices.append(node)  # rows only (e.g. the old `logits[:, :-1]` shift): commutes with the linear
         elif _is(node, aten.to.dtype):
             if node.args[1] != torch.float32:
-                out.reason = f"a cast to {node.args[1]} before the loss (the fused ops compute in fp32)"
-                return out
+                return f"a cast to {node.args[1]} before the loss (the fused ops compute in fp32)"
         elif _is(node, aten.mul.Tensor, aten.div.Tensor, aten.tanh.default):
             chain.append(node)
         else:
             break
         node = _tensor_arg(node)
     out.source = node
-    out.softcap, out.scale, out.reason = _fold(chain[::-1])
-    if out.reason is not None:
-        return out
+    out.softcap, out.scale, reason = _fold(chain[::-1])
     sv = _val(node)
-    if sv is None or not sv.is_floating_point() or sv.dtype == torch.float64:
-        out.reason = "the logits are not fp32/bf16/fp16"
+    if reason is None and (sv is None or not sv.is_floating_point() or sv.dtype == torch.float64):
+        reason = "the logits are not fp32/bf16/fp16"
+    return reason
+
+
+def _analyze(ce: fx.Node) -> _Loss:
+    out = _Loss()
+    args = _ce_args(ce)
+    x, out.target = args["self"], args["target"]
+    xv, tv = _val(x), _val(out.target)
+    if xv is None or tv is None:
+        out.reason = "no shape information"
         return out
-    out.linear_reason = _linear_reason(node, V)
+    chain_reason = _walk(x, xv.shape[-1], out)
+    out.reason = _args_reason(args, xv, tv) or chain_reason
+    if out.reason is None:
+        out.ignore_index, out.reduction = args["ignore_index"], _REDUCTION[args["reduction"]]
+        out.linear_reason = _linear_reason(out.source, xv.shape[-1])
     return out
 
 

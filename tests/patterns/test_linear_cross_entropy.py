@@ -1,0 +1,269 @@
+"""lm_head + cross-entropy through backend="liger" on CPU (the ops run their torch reference): the loss is fused, and
+loss and every gradient equal eager."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import liger_fx
+import liger_fx.backend
+from liger_fx.models import mini_model
+from tests.helpers import batch, compare_training, replaced
+from tests.tolerance import assert_close_rule
+
+FLCE = "fused_linear_cross_entropy"
+
+
+def _patterns(flag=FLCE):
+    return [r.pattern for rec in liger_fx.get_records() for r in rec.replaced if r.flag == flag]
+
+
+def _misses():
+    return [m for rec in liger_fx.get_records() for m in rec.misses]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# HF models: ForCausalLMLoss, logits also returned (so the lm_head linear stays for that output)
+
+MODELS = {  # id -> (model_type, config overrides, what the fused op must have captured)
+    "llama": ("llama", {}, "/mean/logits-kept"),
+    "llama-tied": ("llama", {"tie_word_embeddings": True}, "/mean/logits-kept"),
+    "gemma2-softcap": ("gemma2", {}, "/mean/softcap/logits-kept"),
+    "qwen2": ("qwen2", {}, "/mean/logits-kept"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_training_matches_eager_with_ignored_targets(name):
+    model_type, overrides, form = MODELS[name]
+    model = mini_model(model_type, num_hidden_layers=1, **overrides)
+    ids, labels = batch(model.config.vocab_size, ignore=5)  # 5 of 16 labels per row are -100
+    compare_training(model, ids, labels)
+    assert replaced(FLCE) == 1
+    assert _patterns() == [FLCE + form]
+
+
+def test_liger_1338_ignore_index_loss_is_not_silently_wrong_under_compile():
+    """Liger #1338: with ignore_index targets, Liger's FLCE gave a wrong loss under torch.compile. Most targets
+    ignored, mean and sum / n, against eager."""
+    torch.manual_seed(0)
+    head = nn.Linear(32, 50, bias=False)
+    h = torch.randn(4, 9, 32, requires_grad=True)
+    target = torch.randint(0, 50, (36,))
+    target[torch.rand(36) < 0.7] = -100
+
+    def loss_fn(h, n):
+        logits = head(h).float()
+        if n is None:
+            return F.cross_entropy(logits.view(-1, 50), target)
+        return F.cross_entropy(logits.view(-1, 50), target, reduction="sum") / n
+
+    for n in (None, torch.tensor(11.0)):
+        ref = loss_fn(h, n)
+        ref_grads = torch.autograd.grad(ref, (h, head.weight))
+        out = torch.compile(loss_fn, backend="liger")(h, n)
+        grads = torch.autograd.grad(out, (h, head.weight))
+        torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-5)
+    assert replaced(FLCE) == 2
+
+
+def test_liger_802_gradient_accumulation_with_num_items_equals_one_big_batch():
+    """Liger #802: two micro-batches, each `loss = sum / num_items_in_batch` (the count over both), accumulated,
+    give the gradients of one batch of both with the mean loss. Uneven ignored counts make a per-micro-batch mean
+    wrong, so this catches a fused loss that ignores num_items_in_batch."""
+    model = mini_model("llama", num_hidden_layers=1)
+    ids1, labels1 = batch(model.config.vocab_size, seed=1, ignore=2)
+    ids2, labels2 = batch(model.config.vocab_size, seed=2, ignore=9)
+    # the count HF's Trainer passes: labels after the shift, not ignored
+    n = sum((lab[:, 1:] != -100).sum() for lab in (labels1, labels2))
+
+    model.zero_grad(set_to_none=True)
+    model(input_ids=torch.cat([ids1, ids2]), labels=torch.cat([labels1, labels2])).loss.backward()
+    ref = {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    model.zero_grad(set_to_none=True)
+    fn = torch.compile(model, backend="liger")
+    for ids, labels in ((ids1, labels1), (ids2, labels2)):
+        fn(input_ids=ids, labels=labels, num_items_in_batch=n).loss.backward()
+    assert replaced(FLCE) >= 1 and all("/sum" in p for p in _patterns())
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[k], atol=1e-5, rtol=1e-4, msg=lambda m: f"{k}: {m}")
+
+
+def _capture_flag_args(monkeypatch):
+    """The (grad_input, grad_weight) the fused op gets in each graph AOTAutograd hands to Inductor."""
+    seen = []
+    real = liger_fx.backend.compile_fx
+
+    def inner(gm, example_inputs, **kwargs):
+        for n in gm.graph.nodes:
+            if n.target is torch.ops.liger_fx.fused_linear_cross_entropy.default:
+                seen.append(tuple(n.args[8:10]))
+        from torch._inductor.compile_fx import compile_fx_inner
+        return compile_fx_inner(gm, example_inputs, **kwargs)
+
+    monkeypatch.setattr(liger_fx.backend, "compile_fx", lambda gm, ex, **kw: real(gm, ex, inner_compile=inner, **kw))
+    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)  # a cache hit skips inner_compile
+    return seen
+
+
+def test_gradients_are_computed_only_where_needed(monkeypatch):
+    """Training: dh and dW. A frozen lm_head (PEFT): dh only. no_grad: neither (only the logits matmul runs)."""
+    seen = _capture_flag_args(monkeypatch)
+    model = mini_model("llama", num_hidden_layers=1)
+    ids, labels = batch(model.config.vocab_size, ignore=3)
+    compare_training(model, ids, labels)
+    assert seen == [(True, True)]
+
+    seen.clear()
+    torch._dynamo.reset()
+    model.lm_head.weight.requires_grad_(False)
+    compare_training(model, ids, labels)
+    assert seen == [(True, False)]
+
+    seen.clear()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        ref = model(input_ids=ids, labels=labels).loss
+        out = torch.compile(model, backend="liger")(input_ids=ids, labels=labels).loss
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+    assert seen == [(False, False)]
+
+
+def test_bf16_model_loss_within_torch_error():
+    """bf16: the bf16 logits are upcast inside the op (no fp32 copy); the fused loss is as close to the fp32 model's
+    as eager bf16 is (STYLE's rule). Gradients in bf16 are checked by the kernel tests: here the rest of the model
+    (fused by Inductor) moves them by an ulp anyway."""
+    model32 = mini_model("llama", num_hidden_layers=1)
+    ids, labels = batch(model32.config.vocab_size, ignore=4)
+    ref = model32(input_ids=ids, labels=labels).loss.detach()
+    model = mini_model("llama", num_hidden_layers=1).to(torch.bfloat16)
+    eager = model(input_ids=ids, labels=labels).loss.detach()
+    out = torch.compile(model, backend="liger")(input_ids=ids, labels=labels).loss
+    out.backward()
+    assert replaced(FLCE) == 1
+    assert out.dtype == torch.float32 and model.lm_head.weight.grad.dtype == torch.bfloat16
+    assert_close_rule(out.detach(), ref, eager, atol=1e-3, name="loss")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Spellings of the chain between the linear and the loss, on a small head (compiles in a few seconds)
+
+
+class Head(nn.Module):
+    def __init__(self, chain, bias=False, shift=False):
+        super().__init__()
+        self.proj = nn.Linear(32, 60, bias=bias)
+        self.chain, self.shift = chain, shift
+
+    def forward(self, h, target):
+        logits = self.chain(self.proj(h))
+        if self.shift:  # the pre-transformers-4.46 shift: slice the logits, not the labels
+            logits, target = logits[:, :-1, :].contiguous(), target[:, 1:].contiguous()
+        return F.cross_entropy(logits.reshape(-1, 60), target.reshape(-1), ignore_index=-100), logits
+
+
+CHAINS = {  # id -> (chain, bias, shift, expected pattern suffix)
+    "cohere-scale": (lambda x: (x * 0.0625).float(), False, False, "/mean/scale"),
+    "granite-div": (lambda x: x.float() / 8.0, True, False, "/mean/scale/bias"),
+    "gemma2-softcap": (lambda x: (torch.tanh(x / 3.0) * 3.0).float(), False, False, "/mean/softcap"),
+    "scale-before-tanh": (lambda x: torch.tanh(x * 0.25) * 2.0, False, False, "/mean/softcap/scale"),
+    "shift-logits": (lambda x: x.float(), False, True, "/mean"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CHAINS))
+def test_chain_spellings_fold_into_the_op(name):
+    chain, bias, shift, suffix = CHAINS[name]
+    torch.manual_seed(0)
+    m = Head(chain, bias, shift)
+    h = torch.randn(3, 7, 32, requires_grad=True) * 3
+    target = torch.randint(0, 60, (3, 7))
+    target[:, :2] = -100
+    params = (h, *m.parameters())
+    ref, ref_logits = m(h, target)
+    ref_grads = torch.autograd.grad(ref, params)
+    out, logits = torch.compile(m, backend="liger")(h, target)
+    grads = torch.autograd.grad(out, params)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-6, rtol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-5)
+    assert _patterns() == [FLCE + suffix + "/logits-kept"]
+
+
+def test_dynamic_sequence_length_compiles_at_most_twice():
+    m = Head(lambda x: x.float())
+    fn = torch.compile(m, backend="liger")
+    for t in (5, 9, 14):
+        h = torch.randn(2, t, 32)
+        target = torch.randint(0, 60, (2, t))
+        out, _ = fn(h, target)
+        torch.testing.assert_close(out, m(h, target)[0], atol=1e-6, rtol=1e-5)
+    assert len(liger_fx.get_records()) <= 2
+    assert replaced(FLCE) == len(liger_fx.get_records())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What must not be fused, and the cross_entropy flag
+
+
+@pytest.mark.parametrize("kwargs,reason", [
+    ({"label_smoothing": 0.1}, "label_smoothing=0.1"),
+    ({"weight": torch.rand(60)}, "class weight"),
+    ({"reduction": "none"}, "reduction='none'"),
+])
+def test_unsupported_cross_entropy_is_a_near_miss_with_reason(kwargs, reason):
+    torch.manual_seed(0)
+    proj = nn.Linear(32, 60)
+    h = torch.randn(10, 32)
+    target = torch.randint(0, 60, (10,))
+
+    def fn(h):
+        return F.cross_entropy(proj(h).float(), target, **kwargs).sum()
+
+    torch.testing.assert_close(torch.compile(fn, backend="liger")(h), fn(h), atol=1e-6, rtol=1e-5)
+    assert replaced(FLCE) == 0 and replaced("cross_entropy") == 0
+    (miss,) = _misses()
+    assert miss.flag == FLCE and reason in miss.reason, miss.reason
+
+
+def test_cross_entropy_flag_fuses_a_loss_without_a_linear():
+    """The logits come from a matmul with a transposed embedding (no linear): `fused_linear_cross_entropy` cannot
+    take it, `cross_entropy` (off by default) does."""
+    torch.manual_seed(0)
+    emb = nn.Parameter(torch.randn(60, 32) * 0.3)
+    h = torch.randn(2, 6, 32, requires_grad=True)
+    target = torch.randint(0, 60, (2, 6))
+    target[0, :3] = -100
+
+    def fn(h):
+        logits = torch.tanh((h @ emb.t()) / 4.0) * 4.0
+        return F.cross_entropy(logits.float().view(-1, 60), target.view(-1), reduction="sum") / 7
+
+    ref = fn(h)
+    ref_grads = torch.autograd.grad(ref, (h, emb))
+    out = torch.compile(fn, backend="liger")(h)
+    assert replaced("cross_entropy") == 0
+    (miss,) = _misses()
+    assert miss.flag == "cross_entropy" and "flag 'cross_entropy' is off" in miss.reason
+
+    torch._dynamo.reset()
+    out = torch.compile(fn, backend="liger", options={"cross_entropy": True})(h)
+    grads = torch.autograd.grad(out, (h, emb))
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-5)
+    assert replaced("cross_entropy") == 1 and _patterns("cross_entropy") == ["cross_entropy/sum/softcap"]
+
+
+def test_flag_off_leaves_the_loss_and_says_so():
+    model = mini_model("llama", num_hidden_layers=1)
+    ids, labels = batch(model.config.vocab_size)
+    compare_training(model, ids, labels, options={FLCE: False})
+    assert replaced(FLCE) == 0
+    misses = [m for m in _misses() if m.flag == FLCE]
+    assert len(misses) == 1 and f"flag '{FLCE}' is off" in misses[0].reason
