@@ -186,7 +186,9 @@ def short_summary(results: dict) -> str:
     """The few lines printed last on the device (the tool returns only the output's tail)."""
     lines = ["== summary: " + env_line(results.get("env", {}))]
     for r in results.get("kernels", []):
-        lines.append(f"kernel {r.get('name') or r.get('key'):13s} {r.get('provider'):16s} "
+        name, key = r.get("name") or "", r.get("key") or ""
+        label = name if name != key and name.startswith(key) else key  # swiglu_packed, but flce for its long name
+        lines.append(f"kernel {label:13s} {r.get('provider'):16s} "
                      f"{_f(r.get('median_ms'), '9.3f', '        -')} ms  extra {_f(r.get('extra_gib'), '.2f')} GiB"
                      f"  err {_f(r.get('rel_err'), '.1e')}  {r.get('status')}")
     for r in results.get("e2e", []):
