@@ -76,6 +76,16 @@ def test_subprocess_runner_result_and_timeout():
     assert killed["status"] == "timeout after 0 s" and killed["error"].startswith("killed in phase")
 
 
+def test_a_crashing_variant_is_a_row_with_its_error(monkeypatch):
+    def crash(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered\nCompile with TORCH_USE_CUDA_DSA")
+
+    monkeypatch.setattr(e2e, "make_variant", crash)
+    row = e2e.run_variant_inprocess("llama-1b", "inductor", smoke=True, device="cpu", steps=1, warmup=1)
+    assert row["status"] == "error: RuntimeError"
+    assert row["error"] == "in phase 'apply variant': CUDA error: an illegal memory access was encountered"
+
+
 def test_crash_line_prefers_the_cuda_error():
     log = "Traceback (most recent call last):\n  File x\nRuntimeError: CUDA error: an illegal memory access was " \
           "encountered\nCUDA kernel errors might be asynchronously reported\nValueError: later noise\n"
