@@ -135,6 +135,9 @@ def rope_axes(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k: torch.Te
     return differ or axes
 
 
+TUNE: dict = {}  # launch overrides for bench sweeps: {"block_h": .., "num_warps": ..}
+
+
 def _launch(x, k, cos, sin, x_dtype, k_dtype, backward: bool):
     """Shared by all four ops: rotate x (and k) with cos/sin; `backward` applies the transposed rotation."""
     axis = max(rope_axes(x, cos, sin, k), key=lambda a: x.shape[a])  # the most heads per cos row
@@ -162,8 +165,8 @@ def _launch(x, k, cos, sin, x_dtype, k_dtype, backward: bool):
     block_half = triton.next_power_of_2(half)
     block_pass = triton.next_power_of_2(D - rd) if D > rd else 0
     # A (heads x half) tile of at most 4096 fp32 values a half: 32 heads of 128 fit in one step.
-    block_h = min(triton.next_power_of_2(max(HX, HK, 1)), max(1, 4096 // block_half))
-    num_warps = 4 if block_h * block_half >= 1024 else (2 if block_h * block_half >= 256 else 1)
+    block_h = TUNE.get("block_h") or min(triton.next_power_of_2(max(HX, HK, 1)), max(1, 4096 // block_half))
+    num_warps = TUNE.get("num_warps") or (4 if block_h * block_half >= 1024 else (2 if block_h * block_half >= 256 else 1))
     _rope_kernel[(N0 * N2,)](
         x4, y4, k4, ky4, c4, s4,
         x4.stride(0), x4.stride(1), x4.stride(2), y4.stride(0), y4.stride(1), y4.stride(2),
