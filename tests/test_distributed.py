@@ -1,0 +1,203 @@
+"""DDP and FSDP2 under backend="liger", on CPU with gloo.
+
+Each case runs the documented example, `torchrun --nproc-per-node 2 examples/train_fsdp2.py`, for 5 steps and checks:
+the global losses and the final parameters equal single-process eager training on the same global batch (fp32, the
+tolerances of tests/helpers.py), and every rank's record shows the rewrites of a single-graph compile. Two processes
+compile on 2 shared cores: each run takes about a minute, so the model is shared and there are two runs only.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+import liger_fx
+from liger_fx import distributed as ligerdist
+from liger_fx.backend import liger_backend, rewrite_graph
+from liger_fx.config import LigerConfig
+from liger_fx.rewrite import GraphRecord
+from tests.helpers import replaced
+
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available"
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "train_fsdp2.py"
+TIMEOUT_S = 300  # one run took 60-80 s on 2 busy cores (cold Inductor cache); a hang must not stall CI
+
+# 2.0 MiB of fp32 parameters: over DDP's 1 MiB bucket (--bucket-cap-mb 1, the least DDPOptimizer accepts), so Dynamo
+# splits the graph in two and the backend compiles each bucket on its own. SGD, not AdamW: Adam's first step moves a
+# weight by lr * sign(grad), so a gradient of ~1e-9 rounding differently would move it by 2*lr, not by rounding.
+ARGS = ["--hidden", "128", "--intermediate", "512", "--layers", "2", "--batch", "4", "--seq", "16", "--steps", "5",
+        "--optimizer", "sgd", "--lr", "0.1"]
+TOL = dict(atol=1e-5, rtol=1e-4)
+
+
+def _example():
+    spec = importlib.util.spec_from_file_location("train_fsdp2", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def reference(extra: tuple, tmp_path_factory):
+    """Single-process eager training on the global batch, and the rewrites of one whole-graph compile."""
+    ex = _example()
+    path = tmp_path_factory.mktemp("ref") / "params.pt"
+    args = ex.parse_args(ARGS + list(extra) + ["--wrap", "none", "--backend", "eager", "--save-params", str(path)])
+    result = ex.train(args)
+
+    model = ex.build_model(args, torch.device("cpu"))
+    record = GraphRecord(-1)
+
+    def rewrite_only(gm, example_inputs):
+        rewrite_graph(gm, example_inputs, LigerConfig(), record)
+        return gm.forward
+
+    ids = ex.global_batch(args, 0)[:2]  # one rank's rows
+    torch._dynamo.reset()
+    torch.compile(model, backend=rewrite_only, fullgraph=True)(input_ids=ids, labels=ids, use_cache=False)
+    torch._dynamo.reset()
+    assert not record.misses and record.fallback is None, record.summary()
+    counts = collections.Counter(r.flag for r in record.replaced)
+    assert counts["rms_norm"] == 5, counts  # 2 layers x 2 + the final norm: the reference itself is sane
+    return result["losses"], torch.load(path), counts
+
+
+def _torchrun(tmp_path, *args) -> tuple[dict, dict]:
+    out, params = tmp_path / "result.json", tmp_path / "params.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(EXAMPLE),
+           *ARGS, *args, "--out", str(out), "--save-params", str(params)]
+    # One compile thread: two ranks each with a pool of Inductor compile workers oversubscribe 2 cores.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_COMPILE_THREADS": "1"}
+    # A session of its own, so that a timeout kills the workers too: killing torchrun alone leaves them waiting.
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        log, _ = proc.communicate()
+        pytest.fail(f"torchrun did not finish in {TIMEOUT_S} s:\n{log[-4000:]}")
+    assert proc.returncode == 0, log[-6000:]
+    return json.loads(out.read_text()), torch.load(params)
+
+
+def _check_numerics(result, params, ref):
+    ref_losses, ref_params, _ = ref
+    assert result["world"] == 2
+    torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(ref_losses), **TOL)
+    assert ref_losses[-1] != ref_losses[0]  # the parameters did move
+    assert set(params) == set(ref_params)
+    for name, ref in ref_params.items():
+        torch.testing.assert_close(params[name], ref, **TOL, msg=lambda m: f"{name}: {m}")
+
+
+def test_ddp_buckets_are_rewritten_and_train_like_eager(tmp_path, tmp_path_factory):
+    ref = reference((), tmp_path_factory)
+    result, params = _torchrun(tmp_path, "--wrap", "ddp", "--bucket-cap-mb", "1")
+    _check_numerics(result, params, ref)
+    expected = ref[2]
+    for rank in result["ranks"]:
+        records = rank["records"]
+        assert len(records) >= 2, "DDPOptimizer did not split the graph; the test no longer covers buckets"
+        assert all(r["fallback"] is None for r in records), [r["summary"] for r in records]
+        # The buckets together rewrite what one whole graph does; a pattern cut by a bucket boundary would be a near
+        # miss that says so (then replaced + cut == expected).
+        cut = collections.Counter(m["flag"] for r in records for m in r["misses"] if ligerdist.CUT_REASON in m["reason"])
+        assert all(ligerdist.CUT_REASON in m["reason"] for r in records for m in r["misses"]), records
+        got = collections.Counter(rank["counters"])
+        assert {f: got[f] + cut[f] for f in expected} == dict(expected), (got, cut, expected)
+        sites = [x["where"] for r in records for x in r["replaced"]]
+        assert "model.layers.1.input_layernorm" in sites, sites  # module paths survive the split
+
+
+def test_fsdp2_tied_lm_head_is_gathered_rewritten_and_trains_like_eager(tmp_path, tmp_path_factory):
+    # Tied: lm_head's weight is the embedding's, one sharded parameter used by two graphs.
+    ref = reference(("--tie",), tmp_path_factory)
+    result, params = _torchrun(tmp_path, "--wrap", "fsdp2", "--tie")
+    _check_numerics(result, params, ref)
+    expected = ref[2]
+    for rank in result["ranks"]:
+        records = rank["records"]
+        # fully_shard's hooks break the graph at each layer: the layers share one graph (compiled once), so the
+        # counters count sites per distinct graph, not per layer. Every flag of the whole-graph compile shows up,
+        # and no graph has a near miss or a fallback.
+        assert len(records) >= 3, [r["summary"] for r in records]
+        assert all(r["fallback"] is None and not r["misses"] for r in records), [r["summary"] for r in records]
+        assert set(rank["counters"]) == set(expected), (rank["counters"], expected)
+        # What the backend received: no DTensor anywhere; lm_head's weight all-gathered, plain, full (vocab, hidden).
+        inputs = rank["graph_inputs"]
+        assert sum(g["dtensors"] for g in inputs) == 0, inputs
+        heads = [v for g in inputs for k, v in g.items() if "lm_head" in k]
+        assert heads and all(v.split()[0] != "DTensor" and "(128, 128)" in v for v in heads), inputs
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A pattern cut by a bucket boundary, in one process: DDPOptimizer itself, with a bucket cap chosen to cut a norm.
+
+
+class NormBetweenProjections(nn.Module):
+    def __init__(self, d=32):
+        super().__init__()
+        self.inp = nn.Linear(d, d, bias=False)
+        self.norm = Norm(d)
+        self.out = nn.Linear(d, d, bias=False)
+
+    def forward(self, x):
+        return self.out(self.norm(self.inp(x)))
+
+
+class Norm(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(d) + 0.5)
+
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+
+def _ddp_split_backend(cap_bytes):
+    from torch._dynamo.backends.distributed import DDPOptimizer
+
+    def backend(gm, example_inputs):
+        opt = DDPOptimizer(bucket_bytes_cap=cap_bytes, backend_compile_fn=liger_backend, first_bucket_cap=cap_bytes)
+        return opt.compile_fn(gm, example_inputs)
+
+    return backend
+
+
+@pytest.mark.parametrize("cap, cut", [(32 * 32 * 4 + 64, True), (10**9, False)], ids=["cut-norm", "one-bucket"])
+def test_norm_cut_by_a_bucket_is_a_near_miss_that_says_so(cap, cut):
+    # Buckets fill in reverse: `out` (4096 B), then the norm's weight multiply (+128 B) crosses a 4160 B cap, so the
+    # boundary falls between `x * rsqrt(...)` and `weight * ...`.
+    torch.manual_seed(0)
+    m = NormBetweenProjections()
+    x = torch.randn(3, 5, 32, requires_grad=True)
+    ref = m(x)
+    ref_grads = torch.autograd.grad(ref.sum(), [x, *m.parameters()])
+    out = torch.compile(m, backend=_ddp_split_backend(cap))(x)
+    grads = torch.autograd.grad(out.sum(), [x, *m.parameters()])
+    torch.testing.assert_close(out, ref, **TOL)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, **TOL)
+    records = liger_fx.get_records()
+    misses = [mi for r in records for mi in r.misses]
+    if cut:
+        assert len(records) == 2 and replaced("rms_norm") == 0
+        (miss,) = misses
+        assert miss.where == "norm" and ligerdist.CUT_REASON in miss.reason, miss
+    else:
+        assert len(records) == 1 and replaced("rms_norm") == 1 and not misses
