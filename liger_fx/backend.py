@@ -23,7 +23,7 @@ import torch.fx as fx
 from torch._dynamo.utils import counters
 from torch._inductor.compile_fx import compile_fx
 
-from . import rewrite
+from . import distributed, rewrite
 from .canonicalize import to_aten
 from .config import LigerConfig, split_options
 
@@ -85,6 +85,7 @@ def liger_backend(gm: fx.GraphModule, example_inputs, options: dict | None = Non
     rewrite.RECORDS.append(record)
     try:
         compiled_gm = rewrite_graph(gm, example_inputs, config, record)
+        distributed.note_bucket_cuts(gm, compiled_gm, record)  # a DDP bucket: say which misses its boundary explains
     except Exception as e:  # the fallback is the product's promise: never worse than Inductor
         record.fallback = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         record.replaced.clear()
