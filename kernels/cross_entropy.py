@@ -49,21 +49,26 @@ def _tanh(y):
 
 @triton.jit
 def _transform(b_x, softcap, scale, HAS_SOFTCAP: tl.constexpr):
-    """Logits (fp32) -> z, and dz/dx."""
+    """Logits (fp32) -> z."""
     if HAS_SOFTCAP:
-        b_t = _tanh(b_x / softcap)
-        return scale * softcap * b_t, scale * (1.0 - b_t * b_t)
-    return scale * b_x, scale + tl.zeros_like(b_x)
+        return scale * softcap * _tanh(b_x / softcap)
+    return scale * b_x
 
 
 @triton.jit
 def _write_grad(X, DX, t, lse, grad_scale, V, softcap, scale, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
-    """dx = (softmax(z) - onehot(t)) * grad_scale * dz/dx over one row; grad_scale already 0 for an ignored row."""
+    """dx = (softmax(z) - onehot(t)) * grad_scale * dz/dx over one row."""
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         mask = cols < V
         b_x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
-        b_z, b_dz = _transform(b_x, softcap, scale, HAS_SOFTCAP)
+        if HAS_SOFTCAP:
+            b_t = _tanh(b_x / softcap)
+            b_z = scale * softcap * b_t
+            b_dz = scale * (1.0 - b_t * b_t)
+        else:
+            b_z = scale * b_x
+            b_dz = scale
         b_p = tl.exp(b_z - lse)
         b_g = (tl.where(cols == t, b_p - 1.0, b_p) * grad_scale) * b_dz
         tl.store(DX + cols, b_g.to(DX.dtype.element_ty), mask=mask)
@@ -93,7 +98,7 @@ def _ce_fwd_kernel(
             cols = start + tl.arange(0, BLOCK_V)
             mask = cols < V
             b_x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
-            b_z, _ = _transform(b_x, softcap, scale, HAS_SOFTCAP)
+            b_z = _transform(b_x, softcap, scale, HAS_SOFTCAP)
             b_z = tl.where(mask, b_z, float("-inf"))
             m_new = tl.maximum(m, tl.max(b_z, axis=0))
             d = d * tl.exp(m - m_new) + tl.sum(tl.exp(b_z - m_new), axis=0)
@@ -102,7 +107,7 @@ def _ce_fwd_kernel(
         # An out-of-range target (torch raises a device assert) gives a NaN loss: loud, and no out-of-bounds read.
         in_range = (t >= 0) & (t < V)
         x_t = tl.load(X + t, mask=in_range, other=0.0).to(tl.float32)
-        z_t, _ = _transform(x_t, softcap, scale, HAS_SOFTCAP)
+        z_t = _transform(x_t, softcap, scale, HAS_SOFTCAP)
         tl.store(LOSS + row, tl.where(in_range, lse - z_t, float("nan")))
         tl.store(LSE + row, lse)
         if WRITE_GRAD:
