@@ -10,8 +10,10 @@ The (N, V) logits never exist. Rows are processed in chunks of C rows; per chunk
     3. dh_c = dlogits_c @ W;  dW += dlogits_c^T @ h_c;  db += sum(dlogits_c)
 Gradients are computed in the forward: 3 matmuls, 6*N*H*V FLOP, the floor. Recomputing in the backward instead would
 add the logits matmul again (8*N*H*V, +33%) to save nothing: dh and dW have the size of the gradients the backward
-must return anyway. The backward only multiplies the saved dh, dW, db by grad_output, into new tensors (under
-torch.compile Inductor may reuse the saved buffers in place: AOTAutograd donates saved tensors to the backward).
+must return anyway. The backward only multiplies the saved dh, dW, db by grad_output, into new tensors. Under
+torch.compile that costs no memory: AOTAutograd donates saved tensors to the backward and Inductor writes the product
+into the saved buffers (seen in its output code: `buf1 = getitem_2; del getitem_2  # reuse`). Called eagerly, the
+backward briefly holds a second dW (0.98 GiB at the shape below).
 
 Memory at N=16384, H=4096, V=128256 in bf16 (extra over h, W, target): dW 0.98 GiB + dh 0.125 GiB (the gradients
 themselves) + the (C, V) chunk buffer (0.245 GiB at C=1024) + 64 KiB of per-row losses.
@@ -19,8 +21,9 @@ dW is accumulated in W's dtype with one cuBLAS addmm per chunk (fp32 inside, one
 accumulator would be 1.96 GiB, twice the whole budget. With N/C = 16 chunks that is up to 16 roundings of the running
 sum, ~2-3x the error of torch's single matmul; the tests check it against the fp32 reference.
 
-When no input needs a gradient (`grad_input` and `grad_weight` False, decided where the op is inserted) only step 1
-and the loss run: 2*N*H*V FLOP.
+When no input needs a gradient (`grad_input` and `grad_weight` False) only step 1 and the loss run: 2*N*H*V FLOP; a
+frozen lm_head (PEFT) skips the dW matmul. `liger_fx::linear_cross_entropy` (what the graph rewrite inserts and the
+public functional calls) sets the flags from requires_grad and grad mode.
 """
 
 from __future__ import annotations
