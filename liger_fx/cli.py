@@ -107,7 +107,11 @@ def run_report(args) -> int:
     specs += [m for m in dict.fromkeys(args.models) if m not in specs]
     if not specs:
         raise UsageError("report: give at least one MODEL, or --all")
-    with _quiet_transformers():
+    # Inductor compiles in-process here, not in its 2 worker processes: a cold `--all` on the shared 2-core machine
+    # (load ~5) took 297 s with the workers (the first model alone 76 s) and 169 s without (27 s). Scoped to this run.
+    from torch._inductor import config as inductor_config
+
+    with _quiet_transformers(), inductor_config.patch(compile_threads=1):
         return _run(args, specs, options)
 
 

@@ -108,6 +108,7 @@ def run_model(model, args=(), kwargs=None, *, options=None, mode: str = "train",
     The model's training flag and existing `.grad`s are restored."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    model = getattr(model, "_orig_mod", model)  # an already compiled model: report on what it wraps
     options = dict(options or {})
     LigerConfig.from_options(options)  # a bad flag fails here with its name, before any compile
     kwargs = kwargs or {}
