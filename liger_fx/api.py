@@ -18,6 +18,10 @@ What it does, and why:
 - In that same training step `use_cache` defaults to False where the model takes it: a KV cache is never read in a
   training step, and with gradient checkpointing on, transformers' "use_cache=True is incompatible" `warning_once`
   is a graph break that cut the model from its lm_head (2 graphs instead of 1, seen on transformers 5.24).
+- A hooked input embedding runs eagerly, just before the compiled forward, which then gets `inputs_embeds`:
+  gradient checkpointing makes transformers (and PEFT) hook the embedding with `output.requires_grad_(True)`, which
+  Dynamo cannot trace when the embedding is frozen (LoRA): 7 graph breaks and frames skipped to eager on a tiny
+  LoRA Llama. NEFTune's noise hook keeps its eager semantics the same way. Same math, one lookup outside the graph.
 - Everything else (`num_items_in_batch`, attention masks, position ids) passes through to the model untouched;
   `num_items_in_batch` reaches the loss, which the fused op divides by.
 """
@@ -111,6 +115,7 @@ def _make_forward(target: torch.nn.Module) -> Callable:
     params = list(inspect.signature(cls_forward).parameters)
     labels_at = params.index("labels") - 1 if "labels" in params else None  # -1: self is bound
     takes_use_cache = "use_cache" in params
+    takes_embeds = "inputs_embeds" in params
 
     @functools.wraps(cls_forward)
     def forward(self, *args, skip_logits: bool | None = None, **kwargs):
@@ -124,6 +129,10 @@ def _make_forward(target: torch.nn.Module) -> Callable:
                              "computes no loss and would return nothing")
         if skip and self.training and takes_use_cache and "use_cache" not in kwargs:
             kwargs["use_cache"] = False
+        if takes_embeds and kwargs.get("input_ids") is not None and kwargs.get("inputs_embeds") is None:
+            emb = self.get_input_embeddings() if hasattr(self, "get_input_embeddings") else None
+            if emb is not None and (emb._forward_hooks or emb._forward_pre_hooks):
+                kwargs["inputs_embeds"] = emb(kwargs.pop("input_ids"))
         return self._liger_fx.compiled(self, skip, *args, **kwargs)
 
     forward.__name__ = "forward"
