@@ -59,7 +59,7 @@ def test_liger_1338_ignore_index_loss_is_not_silently_wrong_under_compile():
             return F.cross_entropy(logits.view(-1, 50), target)
         return F.cross_entropy(logits.view(-1, 50), target, reduction="sum") / n
 
-    for n in (None, torch.tensor(11.0)):
+    for n in (None, torch.tensor(11.0), 11):  # mean; sum / num_items_in_batch as a tensor and as an int
         ref = loss_fn(h, n)
         ref_grads = torch.autograd.grad(ref, (h, head.weight))
         out = torch.compile(loss_fn, backend="liger")(h, n)
@@ -67,7 +67,27 @@ def test_liger_1338_ignore_index_loss_is_not_silently_wrong_under_compile():
         torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
         for g, r in zip(grads, ref_grads):
             torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-5)
-    assert replaced(FLCE) == 2
+    assert replaced(FLCE) == 3
+
+
+def test_other_ignore_index_is_honoured():
+    torch.manual_seed(0)
+    head = nn.Linear(32, 50)
+    h = torch.randn(40, 32, requires_grad=True)
+    target = torch.randint(0, 50, (40,))
+    target[::3] = 7  # a real class elsewhere, ignored here
+
+    def fn(h):
+        return F.cross_entropy(head(h), target, ignore_index=7)
+
+    ref = fn(h)
+    ref_grads = torch.autograd.grad(ref, (h, head.weight, head.bias))
+    out = torch.compile(fn, backend="liger")(h)
+    grads = torch.autograd.grad(out, (h, head.weight, head.bias))
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-5)
+    assert _patterns() == [FLCE + "/mean/bias"]
 
 
 def test_liger_802_gradient_accumulation_with_num_items_equals_one_big_batch():
