@@ -104,9 +104,12 @@ def rms_norm_fwd(x, weight, eps: float, offset: float = 0.0, casting: str = "lla
     return y.view(x.shape)
 
 
-# Backward programs per SM. Measured on the H200 at 16384x4096 bf16 (one row per block, 8 warps): 1 -> 0.257 ms,
-# 2 -> 0.164, 4 -> 0.185, 8 -> 0.173, 16 -> 0.161. Few programs keep the fp32 dW partials small (2 x 132 x N).
+# Backward launch, from H200 sweeps at 16384x4096 bf16 (kernel only; the copy roofline of its 3 passes is 0.094 ms):
+# one row a block, 8 warps: programs/SM 1 -> 0.257 ms, 2 -> 0.164, 4 -> 0.185, 16 -> 0.161; two rows a block,
+# 8 warps: 2 -> 0.135, 4 -> 0.148, 16 -> 0.154 (16 warps: 0.195+). Two rows in flight per program hide the
+# load latency that one row a step exposes; few programs keep the fp32 dW partials small (264 x N).
 PROGRAMS_PER_SM = 2
+BWD_TILE_ELEMENTS = 8192
 
 
 def rms_norm_bwd(dy, x, weight, eps: float, offset: float = 0.0, casting: str = "llama",
@@ -120,7 +123,8 @@ def rms_norm_bwd(dy, x, weight, eps: float, offset: float = 0.0, casting: str = 
         dy2 = dy2.contiguous()
     M = x2.shape[0]
     dx = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
-    block_m, block_n, warps = _tile(N, block_m, num_warps)
+    block_m, block_n, warps = _tile(N, block_m or max(1, min(64, BWD_TILE_ELEMENTS // triton.next_power_of_2(N))),
+                                    num_warps or 8)
     blocks = triton.cdiv(M, block_m)
     if x.device.type == "cuda":
         programs = torch.cuda.get_device_properties(x.device).multi_processor_count * programs_per_sm
