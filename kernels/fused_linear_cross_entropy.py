@@ -210,6 +210,14 @@ def _linear_cross_entropy(h, weight, bias, target, ignore_index, reduction, soft
     grad_on = torch.is_grad_enabled()
     grad_input = grad_on and h.requires_grad
     grad_weight = grad_on and (weight.requires_grad or (bias is not None and bias.requires_grad))
+    device = h.device.type
+    if torch.is_autocast_enabled(device) and h.is_floating_point():
+        # Mixed precision (e.g. HF Trainer bf16=True: fp32 weights under autocast): autocast runs the lm_head linear
+        # in its lower dtype, and the opaque op gets no autocast kernel, so cast as autocast would. Without this the
+        # three matmuls ran in fp32 (~10x slower on an H200).
+        low = torch.get_autocast_dtype(device)
+        h, weight = h.to(low), weight.to(low)
+        bias = bias.to(low) if bias is not None else None
     return torch.ops.liger_fx.fused_linear_cross_entropy(
         h.reshape(-1, h.shape[-1]), weight, bias, target.reshape(-1), ignore_index, reduction, softcap,
         logit_scale, grad_input, grad_weight,

@@ -198,6 +198,27 @@ def _linear_reason(node: fx.Node, V: int) -> str | None:
     return None
 
 
+def _autocast_regions(graph: fx.Graph) -> dict:
+    """node -> the in-graph autocast regions (their `_enter_autocast` nodes) open at it. The fused op runs where the
+    loss was; autocast applies to it there (see `_linear_cross_entropy`), so the lm_head must be in the same regions."""
+    enter, exit_ = torch.amp.autocast_mode._enter_autocast, torch.amp.autocast_mode._exit_autocast
+    open_, out = [], {}
+    for n in graph.nodes:
+        if n.op == "call_function" and n.target is enter:
+            open_.append(n)
+        elif n.op == "call_function" and n.target is exit_ and n.args and n.args[0] in open_:
+            open_.remove(n.args[0])
+        out[n] = tuple(open_)
+    return out
+
+
+def _region_reason(ce: fx.Node, linear: fx.Node, regions: dict | None = None) -> str | None:
+    regions = regions if regions is not None else _autocast_regions(ce.graph)
+    if regions.get(linear) != regions.get(ce):
+        return "the lm_head and the loss are in different autocast regions"
+    return None
+
+
 def _insert(graph: fx.Graph, ce: fx.Node, target, args) -> fx.Node:
     """`target(*args)` before ce with ce's metadata and a fake value."""
     with graph.inserting_before(ce):
@@ -238,10 +259,14 @@ def _replace(graph: fx.Graph, ce: fx.Node, loss: _Loss, fused_linear: bool) -> s
 
 
 def rewrite(graph: fx.Graph, config) -> None:
+    regions = None
     for ce in [n for n in graph.nodes if _is(n, aten.cross_entropy_loss.default)]:
         loss = _analyze(ce)
         if loss.reason is not None:
             continue
+        if loss.linear_reason is None:
+            regions = regions or _autocast_regions(graph)
+            loss.linear_reason = _region_reason(ce, loss.source, regions)
         if getattr(config, FLCE) and loss.linear_reason is None:
             flag = FLCE
         elif getattr(config, CE):
@@ -267,4 +292,6 @@ def candidates(graph: fx.Graph) -> list[tuple[str, fx.Node]]:
 
 def explain(ce: fx.Node) -> str:
     loss = _analyze(ce)
+    if loss.reason is None and loss.linear_reason is None:
+        loss.linear_reason = _region_reason(ce, loss.source)
     return loss.reason or loss.linear_reason or "the loss input has an unsupported form"

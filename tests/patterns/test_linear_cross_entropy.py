@@ -227,6 +227,50 @@ def test_dynamic_sequence_length_compiles_at_most_twice():
     assert replaced(FLCE) == len(liger_fx.get_records())
 
 
+def test_autocast_runs_the_fused_matmuls_in_the_autocast_dtype():
+    """Mixed precision (fp32 weights, bf16 autocast; HF Trainer bf16=True) as ambient state and as a region in the
+    graph: the fused op gets bf16 inputs as autocast gives the linear, so loss and grads equal eager autocast (an fp32
+    op would differ from it by ~1e-3 here)."""
+    torch.manual_seed(0)
+    head = nn.Linear(32, 50)
+    h = torch.randn(10, 32, requires_grad=True)
+    target = torch.randint(0, 50, (10,))
+
+    def ambient(h):
+        return F.cross_entropy(head(h).float(), target)
+
+    def region(h):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return F.cross_entropy(head(h).float(), target)
+
+    for fn, ctx in ((ambient, lambda: torch.autocast("cpu", dtype=torch.bfloat16)), (region, torch.enable_grad)):
+        torch._dynamo.reset()
+        with ctx():
+            ref = fn(h)
+            out = torch.compile(fn, backend="liger")(h)
+        ref_grads = torch.autograd.grad(ref, (h, head.weight, head.bias))
+        grads = torch.autograd.grad(out, (h, head.weight, head.bias))
+        torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-5)
+    assert replaced(FLCE) == 2
+
+
+def test_lm_head_and_loss_in_different_autocast_regions_is_a_near_miss():
+    head = nn.Linear(32, 50)
+    target = torch.randint(0, 50, (10,))
+
+    def fn(h):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = head(h)
+        return F.cross_entropy(logits.float(), target)
+
+    torch.compile(fn, backend="liger")(torch.randn(10, 32))
+    assert replaced(FLCE) == 0
+    (miss,) = _misses()
+    assert "different autocast regions" in miss.reason, miss.reason
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # What must not be fused, and the cross_entropy flag
 
