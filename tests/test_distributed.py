@@ -41,7 +41,7 @@ TIMEOUT_S = 300  # one run took 60-80 s on 2 busy cores (cold Inductor cache); a
 # splits the graph in two and the backend compiles each bucket on its own. SGD, not AdamW: Adam's first step moves a
 # weight by lr * sign(grad), so a gradient of ~1e-9 rounding differently would move it by 2*lr, not by rounding.
 ARGS = ["--hidden", "128", "--intermediate", "512", "--layers", "2", "--batch", "4", "--seq", "16", "--steps", "5",
-        "--optimizer", "sgd", "--lr", "0.1"]
+        "--optimizer", "sgd", "--lr", "0.1", "--device", "cpu"]
 TOL = dict(atol=1e-5, rtol=1e-4)
 
 
