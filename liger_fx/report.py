@@ -169,6 +169,7 @@ def coverage(reports: list[ModelReport]) -> tuple[int, int]:
 
 
 def _sites(wheres: list[str]) -> str:
+    wheres = list(dict.fromkeys(wheres))  # q and k rotations share one attention module path
     return ", ".join(wheres) if len(wheres) <= 2 else f"{wheres[0]}, {wheres[1]}, +{len(wheres) - 2} more"
 
 
