@@ -179,7 +179,9 @@ def rms_norm_ref_backward(dy, x, weight, eps: float, offset: float = 0.0, castin
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, casting: str) -> torch.Tensor:
     if x.device.type == "cuda":
         return rms_norm_fwd(x, weight, eps, offset, casting)
-    return rms_norm_ref(x, weight, eps, offset, casting)
+    # Contiguous like the Triton path and the fake: the reference keeps a transposed input's strides (Gemma3's q/k
+    # norms), and Inductor asserts the strides the fake promised.
+    return rms_norm_ref(x, weight, eps, offset, casting).contiguous()
 
 
 @_rms_norm.register_fake
@@ -193,7 +195,8 @@ def _rms_norm_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if x.device.type == "cuda":
         return rms_norm_bwd(dy, x, weight, eps, offset, casting)
-    return rms_norm_ref_backward(dy, x, weight, eps, offset, casting)
+    dx, dw = rms_norm_ref_backward(dy, x, weight, eps, offset, casting)
+    return dx.contiguous(), dw
 
 
 @_rms_norm_backward.register_fake

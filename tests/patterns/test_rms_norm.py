@@ -137,3 +137,31 @@ def test_half_precision_model_is_fused_and_within_torch_error(dtype):
     out = torch.compile(model, backend="liger")(input_ids=ids, labels=labels).loss.detach()
     assert replaced("rms_norm") == 5
     assert_close_rule(out, ref32, eager, atol=1e-2, name=f"loss {dtype}")
+
+
+class TransposedNorm(nn.Module):
+    """A norm on a transposed view (Gemma3's q/k norms run on (B, H, T, D) transposes): the op's real output must
+    have the strides its fake promised, or Inductor's stride assertion fails at run time."""
+
+    def __init__(self, n=16):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(n) + 0.5)
+        self.proj = nn.Linear(n, n)
+
+    def forward(self, x):
+        x = self.proj(x).transpose(1, 2)
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+
+
+def test_norm_of_transposed_view_trains():
+    torch.manual_seed(0)
+    m = TransposedNorm()
+    x = torch.randn(2, 5, 3, 16)
+    ref = m(x).sum()
+    (gw_ref,) = torch.autograd.grad(ref, m.weight)
+    out = torch.compile(m, backend="liger")(x).sum()
+    (gw,) = torch.autograd.grad(out, m.weight)
+    assert replaced("rms_norm") == 1
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(gw, gw_ref, atol=1e-5, rtol=1e-4)
