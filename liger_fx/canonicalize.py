@@ -170,6 +170,11 @@ def normalize_casts(graph: fx.Graph) -> None:
     to every later use of x (the residual add too); the cast then has users outside the RMSNorm and the match is
     refused. Seen on a tiny fp32 Llama: 1 of 5 norms matched before this pass, 5 of 5 after.
     """
+    # Autocast entered inside the graph: the traced dtypes are those without autocast (a linear in the region reads
+    # fp32 here but runs in bf16), so a cast that looks like a no-op may be real. Seen: `.float()` of autocast
+    # logits dropped, loss 4.125 vs eager 4.1126. Keep every cast then; patterns that need them gone report misses.
+    keep_noop = any(n.op == "call_function" and n.target is torch.amp.autocast_mode._enter_autocast
+                    for n in graph.nodes)
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target not in _CASTS:
             continue
@@ -178,6 +183,8 @@ def normalize_casts(graph: fx.Graph) -> None:
             continue
         src = node.args[0]
         if _val(src).dtype == dtype:
+            if keep_noop:
+                continue
             node.replace_all_uses_with(src)
             graph.erase_node(node)
         elif node.target is not aten.to.dtype or len(node.args) != 2 or node.kwargs:

@@ -78,3 +78,23 @@ def test_encoders_have_no_applicable_patterns_and_still_train(model_type):
         assert not rec.fallback
         assert {r.flag for r in rec.replaced} <= {"fused_linear_cross_entropy"}, rec.replaced
     assert sum(counters["liger_fx"].values()) == counters["liger_fx"]["fused_linear_cross_entropy"] == 1
+
+
+def test_autocast_inside_the_graph_keeps_real_casts():
+    """Inside an in-graph autocast region the traced dtypes ignore autocast, so a `.float()` of autocast logits looks
+    like a no-op; dropping it changed the loss (4.125 vs 4.1126). Numerics must equal eager."""
+    import torch.nn as nn
+
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(32, 50)
+
+        def forward(self, h, t):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = self.head(h)
+            return nn.functional.cross_entropy(logits.float(), t)
+
+    torch.manual_seed(0)
+    m, h, t = Head(), torch.randn(8, 32), torch.randint(0, 50, (8,))
+    torch.testing.assert_close(torch.compile(m, backend="liger")(h, t), m(h, t), atol=1e-6, rtol=1e-6)
