@@ -1,0 +1,82 @@
+"""Where one end-to-end training step spends its GPU time, by kernel class, for one variant.
+
+    python -m bench.profile_step --variant hf_hook [--shape llama-1b] [--top 20]
+
+Builds the same model and batch as bench/e2e.py, warms up (compilation included), profiles one step (forward,
+backward, fused AdamW) and prints the CUDA time per class (matmul, attention, our fused ops, Inductor's generated
+kernels, optimizer, other) and the top kernels. This tells the next optimization where the step's time goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections import defaultdict
+
+import torch
+
+from bench import e2e
+
+CLASSES = [  # first match wins
+    ("liger_fx op", re.compile(r"^_(rms_norm|rope|swiglu|ce_|cross_entropy|flce|linear_cross)", re.I)),
+    ("attention", re.compile(r"flash|fmha|attention|sdpa|cudnn.*(mha|attn)", re.I)),
+    ("matmul", re.compile(r"gemm|cutlass|nvjet|sm90_xmma|cublas|matmul|wgmma", re.I)),
+    ("optimizer", re.compile(r"adam|multi_tensor|foreach", re.I)),
+    ("inductor triton", re.compile(r"^triton_", re.I)),
+    ("liger-kernel", re.compile(r"liger|_kernel$", re.I)),
+]
+
+
+def classify(name: str) -> str:
+    for label, pattern in CLASSES:
+        if pattern.search(name):
+            return label
+    return "other (copies, elementwise, reductions)"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--variant", default="hf_hook", choices=e2e.VARIANTS)
+    p.add_argument("--shape", default="llama-1b", choices=sorted(e2e.SHAPES))
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--top", type=int, default=20)
+    args = p.parse_args(argv)
+
+    shape = e2e.SHAPES[args.shape]
+    model = e2e.build_model(shape, smoke=False, device="cuda", dtype=torch.bfloat16)
+    fn = e2e.make_variant(args.variant, model, "cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=e2e.LR, fused=True)
+    g = torch.Generator(device="cuda").manual_seed(1234)
+    ids = torch.randint(0, model.config.vocab_size, (shape.batch, shape.seq), device="cuda", generator=g)
+
+    def step():
+        loss = fn(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(args.warmup):
+        step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    per_class, per_kernel = defaultdict(float), defaultdict(lambda: [0.0, 0])
+    for evt in prof.key_averages():
+        t = evt.device_time_total if hasattr(evt, "device_time_total") else evt.cuda_time_total
+        if t <= 0:
+            continue
+        per_class[classify(evt.key)] += t
+        per_kernel[evt.key][0] += t
+        per_kernel[evt.key][1] += evt.count
+    total = sum(per_class.values())
+    print(f"== {args.variant} on {args.shape}: {total / 1e3:.1f} ms of CUDA kernel time in one step")
+    for label, t in sorted(per_class.items(), key=lambda kv: -kv[1]):
+        print(f"  {label:42s} {t / 1e3:8.2f} ms  {100 * t / total:5.1f}%")
+    print(f"== top {args.top} kernels")
+    for name, (t, n) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[: args.top]:
+        print(f"  {t / 1e3:8.2f} ms  x{n:<4d} {name[:110]}")
+
+
+if __name__ == "__main__":
+    main()
