@@ -1,8 +1,8 @@
 """Train a random-weight Llama with FSDP2 (or DDP) under `torch.compile(backend="liger")`.
 
-    torchrun --nproc-per-node 2 examples/train_fsdp2.py                      # CPU: gloo, tiny model, 5 steps
-    torchrun --nproc-per-node 1 examples/train_fsdp2.py --device cuda --dtype bf16 \
-        --hidden 1024 --intermediate 2816 --layers 8 --heads 16 --kv-heads 4 --vocab 32000 --batch 8 --seq 1024 --steps 30
+    torchrun --nproc-per-node 2 examples/train_fsdp2.py                 # CPU: gloo, tiny model, 5 steps
+    torchrun --nproc-per-node 1 examples/train_fsdp2.py --device cuda --dtype bf16 --steps 30 \
+        --hidden 1024 --intermediate 2816 --layers 8 --heads 16 --kv-heads 4 --vocab 32000 --batch 8 --seq 1024
 
 Prints the loss of every step (averaged over ranks: the loss of the global batch) and, at the end, what the backend
 rewrote on each rank. `--wrap ddp` and `--wrap none` run the same loop under DistributedDataParallel or on one process;
@@ -231,6 +231,10 @@ def train(args) -> dict:
         if params is not None:
             torch.save(params, args.save_params)
     if dist.is_initialized():
+        # Drain gloo's worker thread first. Seen here (2 of ~10 runs hung, gdb): the thread still held the finished
+        # all-gather, whose tensors need the GIL to free, while the main thread, holding the GIL, freed DDP's
+        # reducer, whose process group joins that thread. A barrier waits without the GIL and owns no tensors.
+        dist.barrier()
         dist.destroy_process_group()
     return result
 
