@@ -42,8 +42,12 @@ def to_aten(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
     with ctx, fx_traceback.preserve_node_meta():
         traced = make_fx(fx.Interpreter(gm).run, pre_dispatch=True)(*args)
     # The traced values drop requires_grad; keep it on the inputs, so a guard can tell a learned tensor from a buffer.
-    for node, value in zip((n for n in traced.graph.nodes if n.op == "placeholder"), args):
+    # Also Dynamo's name of the input (e.g. "L['kwargs']['shift_labels']"): make_fx renames placeholders arg<i>_1.
+    for node, value, orig in zip((n for n in traced.graph.nodes if n.op == "placeholder"), args, placeholders):
         node.meta["requires_grad"] = bool(getattr(value, "requires_grad", False))
+        source = getattr(orig.meta.get("grapharg"), "source", None)
+        name = getattr(source, "name", orig.name)  # a property on torch 2.13, a method on older torch
+        node.meta["source_name"] = name() if callable(name) else str(name)
     canonicalize(traced.graph)
     traced.recompile()
     return traced

@@ -12,6 +12,16 @@ stay in the graph untouched.
 flag `cross_entropy`: where no linear feeds the loss (or the flag above is off), the loss on the materialized logits
 becomes `liger_fx::cross_entropy` (fp32 math without an fp32 copy of the logits, gradient in one pass).
 
+Scope: the causal-LM loss only. A loss is a candidate (for either flag) only if its target is a next-token shift of
+the labels: it traces back, through views, contiguous/clone and casts, to `aten.slice(.., -1, 1)` on the last dim (of
+`pad(labels, (0, 1), value=ignore_index)`, HF's ForCausalLMLoss; or of the labels themselves, the pre-4.46 spelling),
+or to a graph input that Dynamo names `shift_labels` (ForCausalLMLoss's `shift_labels=` argument, passed e.g. by
+context-parallel training; Dynamo's source `L['kwargs']['shift_labels']`). Why: the product targets causal LMs, and an
+encoder's masked-LM loss (BERT/RoBERTa: decoder linear + bias -> cross-entropy on the unshifted labels) is not what
+it promises to fuse: those models must read "no applicable patterns", not a fused or near-missed loss. Any other
+cross-entropy (a classifier head, a masked-LM loss) is simply not a candidate; a user loss on already shifted labels
+qualifies by naming its input `shift_labels`.
+
 Why a walk and not `Pattern`s: the chain between the lm_head and the loss is any order of casts, scalar mul/div,
 views and at most one tanh (2 x 3 x 2 x 3 = 36 search variants with Inductor's matcher), and a plain
 `model(ids, labels=labels)` also returns the logits, so the linear (Gemma2: the softcapped logits) has a user outside
@@ -164,6 +174,26 @@ def _walk(x: fx.Node, V, out: _Loss) -> str | None:
     return reason
 
 
+_CASTS = {aten.to.dtype, aten._to_copy.default}
+
+
+def _is_shift(target: fx.Node) -> bool:
+    """Whether the loss target is a next-token shift of the labels (see the module docstring)."""
+    node = target
+    while _is(node, *_VIEWS, *_CASTS):
+        node = node.args[0]
+    if _is(node, aten.slice.Tensor):
+        dim, start = (list(node.args[1:3]) + [0, None])[:2]
+        return dim == -1 and start == 1
+    return (isinstance(node, fx.Node) and node.op == "placeholder"
+            and "shift_labels" in str(node.meta.get("source_name", node.name)))
+
+
+def _is_causal_lm_loss(ce: fx.Node) -> bool:
+    target = _ce_args(ce)["target"]
+    return isinstance(target, fx.Node) and _is_shift(target)
+
+
 def _analyze(ce: fx.Node) -> _Loss:
     out = _Loss()
     args = _ce_args(ce)
@@ -260,7 +290,7 @@ def _replace(graph: fx.Graph, ce: fx.Node, loss: _Loss, fused_linear: bool) -> s
 
 def rewrite(graph: fx.Graph, config) -> None:
     regions = None
-    for ce in [n for n in graph.nodes if _is(n, aten.cross_entropy_loss.default)]:
+    for ce in [n for n in graph.nodes if _is(n, aten.cross_entropy_loss.default) and _is_causal_lm_loss(n)]:
         loss = _analyze(ce)
         if loss.reason is not None:
             continue
@@ -284,7 +314,7 @@ def rewrite(graph: fx.Graph, config) -> None:
 def candidates(graph: fx.Graph) -> list[tuple[str, fx.Node]]:
     out = []
     for ce in graph.nodes:
-        if _is(ce, aten.cross_entropy_loss.default):
+        if _is(ce, aten.cross_entropy_loss.default) and _is_causal_lm_loss(ce):
             loss = _analyze(ce)
             out.append((FLCE if loss.source is not None and _is(loss.source, aten.linear.default) else CE, ce))
     return out

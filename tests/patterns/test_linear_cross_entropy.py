@@ -50,14 +50,14 @@ def test_liger_1338_ignore_index_loss_is_not_silently_wrong_under_compile():
     torch.manual_seed(0)
     head = nn.Linear(32, 50, bias=False)
     h = torch.randn(4, 9, 32, requires_grad=True)
-    target = torch.randint(0, 50, (36,))
-    target[torch.rand(36) < 0.7] = -100
+    shift_labels = torch.randint(0, 50, (36,))
+    shift_labels[torch.rand(36) < 0.7] = -100
 
     def loss_fn(h, n):
         logits = head(h).float()
         if n is None:
-            return F.cross_entropy(logits.view(-1, 50), target)
-        return F.cross_entropy(logits.view(-1, 50), target, reduction="sum") / n
+            return F.cross_entropy(logits.view(-1, 50), shift_labels)
+        return F.cross_entropy(logits.view(-1, 50), shift_labels, reduction="sum") / n
 
     for n in (None, torch.tensor(11.0), 11):  # mean; sum / num_items_in_batch as a tensor and as an int
         ref = loss_fn(h, n)
@@ -74,11 +74,11 @@ def test_other_ignore_index_is_honoured():
     torch.manual_seed(0)
     head = nn.Linear(32, 50)
     h = torch.randn(40, 32, requires_grad=True)
-    target = torch.randint(0, 50, (40,))
-    target[::3] = 7  # a real class elsewhere, ignored here
+    shift_labels = torch.randint(0, 50, (40,))
+    shift_labels[::3] = 7  # a real class elsewhere, ignored here
 
     def fn(h):
-        return F.cross_entropy(head(h), target, ignore_index=7)
+        return F.cross_entropy(head(h), shift_labels, ignore_index=7)
 
     ref = fn(h)
     ref_grads = torch.autograd.grad(ref, (h, head.weight, head.bias))
@@ -179,11 +179,12 @@ class Head(nn.Module):
         self.proj = nn.Linear(32, 60, bias=bias)
         self.chain, self.shift = chain, shift
 
-    def forward(self, h, target):
+    def forward(self, h, shift_labels):
+        # `shift_labels` (already shifted, as ForCausalLMLoss's argument): only a causal-LM loss is a candidate.
         logits = self.chain(self.proj(h))
         if self.shift:  # the pre-transformers-4.46 shift: slice the logits, not the labels
-            logits, target = logits[:, :-1, :].contiguous(), target[:, 1:].contiguous()
-        return F.cross_entropy(logits.reshape(-1, 60), target.reshape(-1), ignore_index=-100), logits
+            logits, shift_labels = logits[:, :-1, :].contiguous(), shift_labels[:, 1:].contiguous()
+        return F.cross_entropy(logits.reshape(-1, 60), shift_labels.reshape(-1), ignore_index=-100), logits
 
 
 CHAINS = {  # id -> (chain, bias, shift, expected pattern suffix)
@@ -201,12 +202,12 @@ def test_chain_spellings_fold_into_the_op(name):
     torch.manual_seed(0)
     m = Head(chain, bias, shift)
     h = torch.randn(3, 7, 32, requires_grad=True) * 3
-    target = torch.randint(0, 60, (3, 7))
-    target[:, :2] = -100
+    shift_labels = torch.randint(0, 60, (3, 7))
+    shift_labels[:, :2] = -100
     params = (h, *m.parameters())
-    ref, ref_logits = m(h, target)
+    ref, ref_logits = m(h, shift_labels)
     ref_grads = torch.autograd.grad(ref, params)
-    out, logits = torch.compile(m, backend="liger")(h, target)
+    out, logits = torch.compile(m, backend="liger")(h, shift_labels)
     grads = torch.autograd.grad(out, params)
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(logits, ref_logits, atol=1e-6, rtol=1e-5)
@@ -220,9 +221,9 @@ def test_dynamic_sequence_length_compiles_at_most_twice():
     fn = torch.compile(m, backend="liger")
     for t in (5, 9, 14):
         h = torch.randn(2, t, 32)
-        target = torch.randint(0, 60, (2, t))
-        out, _ = fn(h, target)
-        torch.testing.assert_close(out, m(h, target)[0], atol=1e-6, rtol=1e-5)
+        shift_labels = torch.randint(0, 60, (2, t))
+        out, _ = fn(h, shift_labels)
+        torch.testing.assert_close(out, m(h, shift_labels)[0], atol=1e-6, rtol=1e-5)
     assert len(liger_fx.get_records()) <= 2
     assert replaced(FLCE) == len(liger_fx.get_records())
 
@@ -234,14 +235,14 @@ def test_autocast_runs_the_fused_matmuls_in_the_autocast_dtype():
     torch.manual_seed(0)
     head = nn.Linear(32, 50)
     h = torch.randn(10, 32, requires_grad=True)
-    target = torch.randint(0, 50, (10,))
+    shift_labels = torch.randint(0, 50, (10,))
 
     def ambient(h):
-        return F.cross_entropy(head(h).float(), target)
+        return F.cross_entropy(head(h).float(), shift_labels)
 
     def region(h):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            return F.cross_entropy(head(h).float(), target)
+            return F.cross_entropy(head(h).float(), shift_labels)
 
     for fn, ctx in ((ambient, lambda: torch.autocast("cpu", dtype=torch.bfloat16)), (region, torch.enable_grad)):
         torch._dynamo.reset()
@@ -258,12 +259,12 @@ def test_autocast_runs_the_fused_matmuls_in_the_autocast_dtype():
 
 def test_lm_head_and_loss_in_different_autocast_regions_is_a_near_miss():
     head = nn.Linear(32, 50)
-    target = torch.randint(0, 50, (10,))
+    shift_labels = torch.randint(0, 50, (10,))
 
     def fn(h):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits = head(h)
-        return F.cross_entropy(logits.float(), target)
+        return F.cross_entropy(logits.float(), shift_labels)
 
     torch.compile(fn, backend="liger")(torch.randn(10, 32))
     assert replaced(FLCE) == 0
@@ -284,15 +285,41 @@ def test_unsupported_cross_entropy_is_a_near_miss_with_reason(kwargs, reason):
     torch.manual_seed(0)
     proj = nn.Linear(32, 60)
     h = torch.randn(10, 32)
-    target = torch.randint(0, 60, (10,))
+    shift_labels = torch.randint(0, 60, (10,))
 
     def fn(h):
-        return F.cross_entropy(proj(h).float(), target, **kwargs).sum()
+        return F.cross_entropy(proj(h).float(), shift_labels, **kwargs).sum()
 
     torch.testing.assert_close(torch.compile(fn, backend="liger")(h), fn(h), atol=1e-6, rtol=1e-5)
     assert replaced(FLCE) == 0 and replaced("cross_entropy") == 0
     (miss,) = _misses()
     assert miss.flag == FLCE and reason in miss.reason, miss.reason
+
+
+def test_a_loss_on_unshifted_labels_is_not_a_candidate():
+    """Scope (module docstring): a linear + cross-entropy on labels that are no next-token shift (a masked-LM or
+    classifier head) is neither replaced nor a near miss, for either flag; the same loss on `shift_labels` is fused."""
+    torch.manual_seed(0)
+    head = nn.Linear(32, 50)
+    h = torch.randn(10, 32)
+    labels = torch.randint(0, 50, (10,))
+
+    def mlm(h):
+        return F.cross_entropy(head(h), labels)
+
+    opts = {"cross_entropy": True}
+    torch.testing.assert_close(torch.compile(mlm, backend="liger", options=opts)(h), mlm(h), atol=1e-6, rtol=1e-5)
+    (rec,) = liger_fx.get_records()
+    assert not rec.replaced and not rec.misses and "no applicable patterns" in rec.summary()
+
+    torch._dynamo.reset()
+    shift_labels = labels
+
+    def causal(h):
+        return F.cross_entropy(head(h), shift_labels)
+
+    torch.compile(causal, backend="liger")(h)
+    assert replaced(FLCE) == 1
 
 
 def test_cross_entropy_flag_fuses_a_loss_without_a_linear():
@@ -301,12 +328,12 @@ def test_cross_entropy_flag_fuses_a_loss_without_a_linear():
     torch.manual_seed(0)
     emb = nn.Parameter(torch.randn(60, 32) * 0.3)
     h = torch.randn(2, 6, 32, requires_grad=True)
-    target = torch.randint(0, 60, (2, 6))
-    target[0, :3] = -100
+    shift_labels = torch.randint(0, 60, (2, 6))
+    shift_labels[0, :3] = -100
 
     def fn(h):
         logits = torch.tanh((h @ emb.t()) / 4.0) * 4.0
-        return F.cross_entropy(logits.float().view(-1, 60), target.view(-1), reduction="sum") / 7
+        return F.cross_entropy(logits.float().view(-1, 60), shift_labels.view(-1), reduction="sum") / 7
 
     ref = fn(h)
     ref_grads = torch.autograd.grad(ref, (h, emb))
