@@ -55,6 +55,9 @@ def parse_args(argv=None):
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--bucket-cap-mb", type=float, default=25.0, help="DDP gradient bucket size (DDP's default 25)")
+    p.add_argument("--no-ddp-split", action="store_true",
+                   help="torch._dynamo.config.optimize_ddp=False: one graph, every pattern can match, no overlap of "
+                        "the all-reduce with backward (see liger_fx/distributed.py)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="rank 0 writes losses, counters and records here (JSON)")
     p.add_argument("--save-params", help="rank 0 saves the full trained parameters here (torch.save)")
@@ -161,6 +164,8 @@ def train(args) -> dict:
     if args.batch % world:
         raise ValueError(f"--batch {args.batch} does not split over {world} ranks")
     model = wrap(build_model(args, device), args)
+    if args.no_ddp_split:
+        torch._dynamo.config.optimize_ddp = False
     if args.backend == "liger":
         step_fn = torch.compile(model, backend=inspecting_liger, options=json.loads(args.options))
     elif args.backend == "inductor":
