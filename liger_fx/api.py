@@ -40,6 +40,7 @@ from typing import Any, Callable
 import torch
 
 from .config import LigerConfig
+from .models import is_encoder
 
 log = logging.getLogger("liger_fx")
 
@@ -81,7 +82,9 @@ def apply(model: torch.nn.Module, *, mode: str | None = None, dynamic: bool | No
             return model
         remove(target)
     original = target.__dict__.get("forward")
-    compiled = torch.compile(_run, backend="liger", options=dict(flags) or None, **compile_kwargs)
+    # torch.compile refuses mode= with options=; the backend reads a "mode" entry of its options instead.
+    options = {**flags, **({"mode": mode} if mode not in (None, "default") else {})}
+    compiled = torch.compile(_run, backend="liger", options=options or None, dynamic=dynamic)
     target._liger_fx = _Applied(dict(flags), compile_kwargs, compiled, original)
     target.forward = types.MethodType(_make_forward(target), target)
     log.info("liger_fx: %s.forward compiled with backend='liger'%s", type(target).__name__,
@@ -118,6 +121,8 @@ def _make_forward(target: torch.nn.Module) -> Callable:
     labels_at = params.index("labels") - 1 if "labels" in params else None  # -1: self is bound
     takes_use_cache = "use_cache" in params
     takes_embeds = "inputs_embeds" in params
+    config = getattr(target, "config", None)
+    encoder = config is not None and is_encoder(config)
 
     @functools.wraps(cls_forward)
     def forward(self, *args, skip_logits: bool | None = None, **kwargs):
@@ -131,7 +136,9 @@ def _make_forward(target: torch.nn.Module) -> Callable:
                              "computes no loss and would return nothing")
         if skip and self.training and takes_use_cache and "use_cache" not in kwargs:
             kwargs["use_cache"] = False
-        if takes_embeds and kwargs.get("input_ids") is not None and kwargs.get("inputs_embeds") is None:
+        # Not for encoders: RoBERTa-style models derive position ids from input_ids' padding, and from
+        # inputs_embeds they would number padded positions as real ones.
+        if takes_embeds and not encoder and kwargs.get("input_ids") is not None and kwargs.get("inputs_embeds") is None:
             emb = self.get_input_embeddings() if hasattr(self, "get_input_embeddings") else None
             if emb is not None and (emb._forward_hooks or emb._forward_pre_hooks):
                 kwargs["inputs_embeds"] = emb(kwargs.pop("input_ids"))

@@ -80,6 +80,7 @@ def _mode_patches(mode: str | None) -> dict:
 def liger_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None):
     """The `torch_dynamo_backends` entry point `liger`."""
     config, inductor_options = split_options(options)  # a bad flag raises here, before any work
+    mode = (options or {}).get("mode", mode)  # torch.compile takes mode= or options=, not both
     patches = {**_mode_patches(mode), **inductor_options}
     record = rewrite.GraphRecord(next(_graph_index))
     rewrite.RECORDS.append(record)

@@ -62,13 +62,16 @@ def split_options(options: Mapping[str, Any] | None) -> tuple[LigerConfig, dict[
     """Split `torch.compile(options=...)` into our flags and Inductor config entries.
 
     Inductor keys (e.g. `"max_autotune": True`, `"triton.cudagraphs": False`) keep their Inductor meaning and are
-    applied to the compile of this graph only. Anything that is neither raises, naming the key.
+    applied to the compile of this graph only. `"mode"` is read by the backend (torch.compile does not accept
+    `mode=` together with `options=`). Anything else raises, naming the key.
     """
     from torch._inductor import config as inductor_config
 
     flags, inductor = {}, {}
     inductor_keys = set(inductor_config.get_config_copy())
     for key, value in dict(options or {}).items():
+        if key == "mode":  # torch.compile refuses mode= and options= together: the mode may ride in options
+            continue
         if key in LigerConfig.flag_names():
             flags[key] = value
         elif key in inductor_keys:

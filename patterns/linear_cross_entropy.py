@@ -147,6 +147,8 @@ def _walk(x: fx.Node, V, out: _Loss) -> str | None:
     tanh; fills out.source, shared, row_slices, softcap, scale. Returns a reason if the chain cannot be folded."""
     chain, node = [], x
     while True:
+        if not isinstance(node, fx.Node):  # e.g. `c / logits`: the chain reached the constant, not the logits
+            return "the logits are a divisor (a constant divided by them), which does not fold into a scale"
         out.shared |= len(node.users) > 1
         if _is(node, *_VIEWS):
             v = _val(node.args[0])

@@ -52,3 +52,30 @@ def test_padding_or_sliding_window_keeps_the_mask(sdpa_calls, case):
     out = model(input_ids=ids, labels=labels, attention_mask=mask).loss
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     assert sdpa_calls and all(_mask_and_causal(n)[0] is not None for n in sdpa_calls)
+
+
+def test_mode_and_flags_together():
+    """torch.compile refuses mode= with options=; apply passes the mode inside the backend's options."""
+    from torch._dynamo.utils import counters
+
+    model = mini_model("llama")
+    ids, labels = batch(model.config.vocab_size)
+    ref = model(input_ids=ids, labels=labels).loss
+    liger_fx.apply(model, mode="reduce-overhead", rope=False)
+    out = model(input_ids=ids, labels=labels).loss
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert counters["liger_fx"]["rope"] == 0 and counters["liger_fx"]["rms_norm"] == 5
+
+
+def test_encoder_with_hooked_embedding_keeps_padding_aware_positions():
+    """RoBERTa numbers positions from input_ids' padding; a hooked embedding (checkpointing, LoRA) must not make
+    apply hand it inputs_embeds instead."""
+    model = mini_model("roberta").train()
+    model.get_input_embeddings().register_forward_hook(lambda m, i, o: o)
+    ids, labels = batch(model.config.vocab_size)
+    ids[0, -4:] = model.config.pad_token_id
+    mask = (ids != model.config.pad_token_id).long()
+    ref = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    liger_fx.apply(model)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

@@ -101,3 +101,13 @@ def test_autocast_inside_the_graph_keeps_real_casts():
     torch.manual_seed(0)
     m, h, t = Head(), torch.randn(8, 32), torch.randint(0, 50, (8,))
     torch.testing.assert_close(torch.compile(m, backend="liger")(h, t), m(h, t), atol=1e-6, rtol=1e-6)
+
+
+def test_mode_rides_in_options():
+    """torch.compile(mode=..., options=...) is refused by torch; the mode may be given inside options instead."""
+    model = mini_model("llama")
+    ids, labels = batch(model.config.vocab_size)
+    compare_training(model, ids, labels, options={"mode": "reduce-overhead", "rope": False})
+    assert counters["liger_fx"]["rope"] == 0 and counters["liger_fx"]["rms_norm"] == 5
+    with pytest.raises(Exception, match="'fastest'"):
+        torch.compile(mini_model("llama"), backend="liger", options={"mode": "fastest"})(input_ids=ids, labels=labels)

@@ -358,3 +358,26 @@ def test_flag_off_leaves_the_loss_and_says_so():
     assert replaced(FLCE) == 0
     misses = [m for m in _misses() if m.flag == FLCE]
     assert len(misses) == 1 and f"flag '{FLCE}' is off" in misses[0].reason
+
+
+def test_constant_divided_by_logits_is_a_miss_not_a_fallback():
+    """Logits as a divisor (`c / logits`) do not fold into a scale: the loss stays unfused, and nothing may send the
+    whole graph (norms and all) to plain Inductor. (The walk also guards a non-Node arg for this form.)"""
+    import torch.nn as nn
+
+    import liger_fx
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(16, 40)
+
+        def forward(self, h, labels):
+            logits = torch.div(torch.full((), 2.0), self.head(h) + 5.0)
+            shift = nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
+            return nn.functional.cross_entropy(logits.view(-1, 40), shift.reshape(-1))
+
+    torch.manual_seed(0)
+    m, h, t = M(), torch.randn(2, 6, 16), torch.randint(0, 40, (2, 6))
+    torch.testing.assert_close(torch.compile(m, backend="liger")(h, t), m(h, t), atol=1e-6, rtol=1e-6)
+    assert all(rec.fallback is None for rec in liger_fx.get_records())
