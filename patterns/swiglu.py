@@ -173,7 +173,8 @@ def post_pass(graph: fx.Graph) -> None:
 
 # --------------------------------------------------------------------------------------------------------------
 # Candidates and near-miss reasons, independent of the matcher: an activation whose output is multiplied by a
-# tensor, where the activation's input comes from a projection (linear, matmul, grouped matmul).
+# tensor, where the activation's input comes from a projection (linear, matmul, grouped matmul); or such an
+# activation that leaves the graph as an output before any multiply (a graph cut inside the gated MLP).
 
 _ACT_TARGETS = {aten.silu.default, aten.gelu.default}
 _PROJECTIONS = {
@@ -216,17 +217,27 @@ def _product(act_node: fx.Node):
     return None, None
 
 
+def _leaves_unmultiplied(act_node: fx.Node) -> bool:
+    """The activation is a graph output and nothing in this graph multiplies it: the gated product, if any, is in a
+    later graph. DDPOptimizer cuts there at Llama-1B proportions (liger_fx/distributed.py), as does a graph break.
+    Both conditions keep ordinary models out: in a whole graph an activation is never returned bare."""
+    return any(u.op == "output" for u in act_node.users) and _product(act_node)[0] is None
+
+
 def candidates(graph: fx.Graph) -> list[tuple[str, fx.Node]]:
     out = []
     for n in graph.nodes:
         if _is(n, *_ACT_TARGETS) and _from_projection(n.args[0]):
             mul, other = _product(n)
-            if mul is not None and isinstance(other, fx.Node):
+            if (mul is not None and isinstance(other, fx.Node)) or _leaves_unmultiplied(n):
                 out.append((ACTS[_act_name(n)][0], n))
     return out
 
 
 def explain(act_node: fx.Node) -> str:
+    if _leaves_unmultiplied(act_node):
+        return ("the activation's output leaves the graph (e.g. a DDP bucket boundary or a graph break) before the "
+                "multiply by up; neither graph holds the whole act(gate) * up")
     if len(act_node.users) != 1:
         return (f"the {_act_name(act_node)} output has {len(act_node.users)} users; it escapes the gated product "
                 "(only act(gate) * up is fused)")

@@ -192,3 +192,25 @@ def test_near_miss_keeps_numerics_and_says_why(cls, reason):
     assert replaced("swiglu") == 0
     (miss,) = [m for rec in liger_fx.get_records() for m in rec.misses if m.flag == "swiglu"]
     assert reason in miss.reason, miss.reason
+
+
+class CutBeforeMultiply(GatedMLP):
+    """A graph break between act(gate) and `* up` splits the MLP the way a DDP bucket boundary does at Llama-1B
+    proportions (liger_fx/distributed.py): the activation is an output of the first graph, the multiply is in the
+    second."""
+
+    def forward(self, x):
+        a = self.act(self.gate_proj(x))
+        torch._dynamo.graph_break()
+        return self.down_proj(a * self.up_proj(x))
+
+
+@pytest.mark.parametrize("act,flag", [("silu", "swiglu"), ("gelu_tanh", "geglu")])
+def test_activation_cut_from_its_multiply_is_a_near_miss(act, flag):
+    torch.manual_seed(0)
+    _compare_module(CutBeforeMultiply("split_linears", act), torch.randn(3, 5, 32))
+    assert replaced("swiglu") == replaced("geglu") == 0
+    records = liger_fx.get_records()
+    assert len(records) >= 2, [r.summary() for r in records]  # the break did split the graph
+    (miss,) = [m for rec in records for m in rec.misses if m.flag in ("swiglu", "geglu")]
+    assert miss.flag == flag and "leaves the graph" in miss.reason and "before the multiply by up" in miss.reason, miss
