@@ -12,7 +12,7 @@ from liger_fx.kernels.cross_entropy import (
     cross_entropy_ref,
     transform_ref,
 )
-from tests.tolerance import assert_close_rule, interpreter_slack, poison_
+from tests.tolerance import assert_close_rule, dlogits_rel_error, interpreter_slack, poison_
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -37,23 +37,6 @@ def _inputs(N, V, dtype, seed, ignore_every=4):
     target = torch.randint(0, V, (N,), generator=g, device=DEVICE)
     target[::ignore_every] = -100
     return logits, target
-
-
-def dlogits_rel_error(lse, x=None, softcap=0.0):
-    """Per-element bound (relative to |dlogits|) on how far an fp32 gradient of cross-entropy may sit from the exact
-    one, ours or torch's, with its cause:
-    - eps/2 * |lse|: the kernels save one fp32 LSE per row (4 bytes) and form p = exp(z - lse) from it. Rounding lse
-      costs up to half an ulp of |lse| absolute, i.e. that much relative error in every p of the row (1.2e-6 at
-      lse = 20: std-4 logits over V=32k..128k). torch subtracts the row max first and keeps ~1 ulp; at the CUDA
-      shapes this was the failing term (fp32-mean, 4133x32011 and 1024x128256).
-    - 4 eps: exp (ex2.approx on CUDA, ~2 ulp), the product with grad_scale and dz, on either side.
-    - softcap: dz = 1 - tanh^2 loses relative precision as tanh saturates: ~2 eps / (1 - tanh^2) on either side.
-    `lse` is (N,) and `x` the (N, V) logits (needed only with a softcap)."""
-    eps = torch.finfo(torch.float32).eps
-    rel = (eps * (lse.double().abs() / 2 + 4))[:, None]
-    if softcap:
-        rel = rel + 4 * eps / (1 - torch.tanh(x.double() / softcap) ** 2).clamp_min(1e-30)
-    return rel
 
 
 def _reference(logits, target, reduction, softcap, scale, grad, dtype):

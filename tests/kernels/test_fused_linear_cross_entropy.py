@@ -11,8 +11,7 @@ from liger_fx.kernels.fused_linear_cross_entropy import (
     fused_linear_cross_entropy_ref,
 )
 from liger_fx.kernels.cross_entropy import cross_entropy_ref, transform_ref
-from tests.kernels.test_cross_entropy import dlogits_rel_error
-from tests.tolerance import assert_close_rule, interpreter_slack
+from tests.tolerance import assert_close_rule, dlogits_rel_error, interpreter_slack
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

@@ -47,10 +47,11 @@ def test_flag_off_gives_no_replacement_and_same_numbers():
 def test_three_sequence_lengths_compile_at_most_twice():
     model = mini_model("llama")
     fn = torch.compile(model, backend="liger")
+    graphs_first = None
     for t in (16, 24, 40):
         ids, labels = batch(model.config.vocab_size, t=t)
         fn(input_ids=ids, labels=labels).loss.backward()
-    graphs_first = 1
+        graphs_first = graphs_first or len(liger_fx.get_records())  # graphs of one compilation
     assert len(liger_fx.get_records()) <= 2 * graphs_first, [r.summary() for r in liger_fx.get_records()]
     # the dynamic-shape graph was rewritten too
     assert all(r.counts().get("rms_norm") == (5, 5) for r in liger_fx.get_records())
