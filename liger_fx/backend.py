@@ -5,7 +5,8 @@
 Dynamo hands us its FX graph and example inputs. We
   1. retrace it to canonical pre-dispatch ATen (canonicalize.to_aten),
   2. run the enabled pattern families in order (rewrite.apply_family), each replacing subgraphs with one fused op
-     that carries its own backward,
+     that carries its own backward, and mark the cheap ones' outputs for recomputation in the backward
+     (rewrite.tag_recompute; option `recompute`),
   3. hand the result to Inductor (compile_fx), which does AOTAutograd and fuses everything else.
 If 1-2 raise, we log one warning and compile Dynamo's untouched graph: a model that compiles with Inductor never
 fails with liger.
@@ -56,6 +57,9 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, config: LigerConfig, recor
     before = _op_counts(traced) if log.isEnabledFor(logging.DEBUG) else None
     for name, fn in passes():
         fn(traced, config, record)
+    if config.recompute:
+        n = rewrite.tag_recompute(traced.graph)
+        log.debug("liger_fx: graph %d: %d fused outputs recomputed in the backward", record.index, n)
     traced.graph.lint()
     traced.recompile()
     if before is not None:

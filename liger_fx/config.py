@@ -34,15 +34,29 @@ class LigerConfig:
     fused_linear_cross_entropy: bool = True
     """Fuse lm_head + cross-entropy so the B*T*V logits are never materialized for the loss."""
 
+    # -- liger-fx's own options (not rewrites; not counted, not in the coverage report) --
+
+    recompute: bool = True
+    """Recompute the outputs of the fused RMSNorm and SwiGLU/GeGLU in the backward instead of saving them. Their
+    inputs are saved anyway (each backward reads them), so the outputs are pure extra: per Llama-3.2-1B layer at
+    B8 T2048 bf16, two norm outputs of 64 MiB and one SwiGLU output of 256 MiB, 6 GiB over 16 layers. The price is
+    one more forward launch of each op in the backward (bench/RESULTS.md has both numbers). Liger cannot do this: in
+    eager mode the next nn.Linear saves its input."""
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        return ("recompute",)
+
     @classmethod
     def flag_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(cls))
+        """The rewrite flags (Liger's names), in pipeline order."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name not in cls.option_names())
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None) -> "LigerConfig":
         """Build from `torch.compile(..., options=...)` flag entries; raises ValueError naming a bad key or value."""
         options = dict(options or {})
-        valid = cls.flag_names()
+        valid = cls.flag_names() + cls.option_names()
         for key, value in options.items():
             if key not in valid:
                 raise ValueError(
@@ -72,13 +86,13 @@ def split_options(options: Mapping[str, Any] | None) -> tuple[LigerConfig, dict[
     for key, value in dict(options or {}).items():
         if key == "mode":  # torch.compile refuses mode= and options= together: the mode may ride in options
             continue
-        if key in LigerConfig.flag_names():
+        if key in LigerConfig.flag_names() + LigerConfig.option_names():
             flags[key] = value
         elif key in inductor_keys:
             inductor[key] = value
         else:
             raise ValueError(
-                f"liger_fx: unknown option {key!r}; valid flags are {', '.join(LigerConfig.flag_names())} "
-                "(Inductor config keys are accepted too)"
+                f"liger_fx: unknown option {key!r}; valid flags are {', '.join(LigerConfig.flag_names())}, "
+                f"options {', '.join(LigerConfig.option_names())} (Inductor config keys are accepted too)"
             )
     return LigerConfig.from_options(flags), inductor

@@ -10,7 +10,8 @@ Every family module in `patterns/` exposes:
     candidates(graph) -> list[(flag, node)]  anchors found independently of the matcher (e.g. an rsqrt of a mean
                                              of squares); an anchor still in the graph after the pass is a near miss
     explain(node) -> str                     why an anchor did not match when no variant even got to its check
-and optionally `post_pass(graph)`, run after its patterns (e.g. pairing q and k rotations into one launch), and
+and optionally `recomputable() -> tuple of ops` whose outputs the backward should recompute rather than save
+(`tag_recompute`), `post_pass(graph)`, run after its patterns (e.g. pairing q and k rotations into one launch), and
 `rewrite(graph, config)`: the family's own matcher, for a structure the pattern machinery cannot express (the
 lm_head's logits feed the loss AND are a graph output: a shared intermediate the matcher must refuse). It calls
 `record_replacement` for each rewrite and checks its own flags.
@@ -192,6 +193,23 @@ def record_replacement(flag: str, pattern: str, node: fx.Node) -> None:
     if _Run.current is not None:
         _Run.current.record.replaced.append(Rewrite(flag, pattern, where(node)))
     log.debug("liger_fx: %s replaced at %s (%s)", flag, where(node), pattern)
+
+
+def tag_recompute(graph: fx.Graph) -> int:
+    """Mark the families' `recomputable()` ops for recomputation in the backward (LigerConfig.recompute). The
+    min-cut partitioner honours `recompute=MUST_RECOMPUTE` as it does for selective activation checkpointing (an
+    infinite edge to the backward side), so it saves the op's inputs, which the op's own backward saves anyway,
+    instead of its output. Nodes already tagged by a checkpointed region keep their region's tags. Returns how
+    many nodes were tagged."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    ops = {op for fam in families() for op in (fam.recomputable() if hasattr(fam, "recomputable") else ())}
+    tagged = 0
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in ops and "recompute" not in node.meta:
+            node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+            tagged += 1
+    return tagged
 
 
 def apply_family(family, gm: fx.GraphModule, config: LigerConfig, record: GraphRecord) -> None:

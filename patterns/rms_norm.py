@@ -22,6 +22,13 @@ from liger_fx.rewrite import Pattern
 
 aten = torch.ops.aten
 
+def recomputable() -> tuple:
+    """Ops whose output the backward recomputes rather than saves (LigerConfig.recompute): the backward saves x and
+    the weight anyway, and re-running the forward costs one read of x (0.07 ms at 16384x4096 bf16 on an H200) to
+    save B*T*H*2 bytes per norm (64 MiB at Llama-3.2-1B B8 T2048)."""
+    return (torch.ops.liger_fx.rms_norm.default,)
+
+
 _EPS = 1.2345e-5  # distinctive trace-time values, replaced by the captured constants
 _OFFSET = 1.375
 

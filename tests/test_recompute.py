@@ -1,0 +1,83 @@
+"""Option `recompute`: the fused RMSNorm and SwiGLU outputs are recomputed in the backward instead of saved.
+
+What is saved is decided by AOTAutograd's min-cut partitioner, the one Inductor uses; these tests run it with no code
+generation (seconds on CPU) and count the bytes the compiled forward hands to autograd through save_for_backward,
+which `saved_tensors_hooks` sees."""
+
+import copy
+from unittest import mock
+
+import torch
+
+from liger_fx import backend
+from liger_fx.models import mini_model
+from tests.helpers import batch, replaced, train_step
+
+
+def _partition_only(gm, example_inputs, config_patches=None):
+    """compile_fx's AOTAutograd with Inductor's partitioner, without Inductor's codegen."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._dynamo.backends.debugging import boxed_nop
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    return aot_autograd(fw_compiler=boxed_nop, bw_compiler=boxed_nop,
+                        partition_fn=min_cut_rematerialization_partition)(gm, example_inputs)
+
+
+def _saved_bytes_and_step(model, ids, labels, options):
+    """(bytes saved for backward by one forward, (loss, grads)) of model compiled with the liger backend."""
+    torch._dynamo.reset()
+    fn = torch.compile(model, backend="liger", options=options)
+    seen: dict[tuple, int] = {}
+
+    def pack(t):
+        seen[(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))] = t.nbytes
+        return t
+
+    with mock.patch.object(backend, "compile_fx", _partition_only):
+        fn(input_ids=ids, labels=labels).loss.backward()  # compile outside the hooks (they would see fake tensors)
+        model.zero_grad(set_to_none=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = fn(input_ids=ids, labels=labels)
+        out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    activations = sum(n for (ptr, *_), n in seen.items() if ptr not in params)
+    return activations, (out.loss.detach(), grads)
+
+
+def test_fused_outputs_are_not_saved_and_gradients_do_not_change():
+    model = mini_model("llama")
+    cfg = model.config
+    ids, labels = batch(cfg.vocab_size, b=2, t=16)
+    ref = train_step(copy.deepcopy(model), ids, labels)
+    on, step_on = _saved_bytes_and_step(copy.deepcopy(model), ids, labels, None)
+    assert replaced("rms_norm") and replaced("swiglu")
+    off, step_off = _saved_bytes_and_step(copy.deepcopy(model), ids, labels, {"recompute": False})
+    # Per layer: the two norm outputs (B*T*H) that the q/k/v and gate/up projections would save for their weight
+    # gradient, and the SwiGLU output (B*T*I) the down projection would. Plus the final norm's output: the fused loss
+    # needs nothing of it in the backward, but this call also returns logits, whose backward through lm_head would.
+    B, T = ids.shape
+    per_layer = (2 * cfg.hidden_size + cfg.intermediate_size) * B * T * 4
+    final_norm = cfg.hidden_size * B * T * 4
+    assert off - on == cfg.num_hidden_layers * per_layer + final_norm, (off, on)
+    for loss, grads in (step_on, step_off):
+        torch.testing.assert_close(loss, ref[0], atol=1e-5, rtol=1e-4)
+        for name, g in ref[1].items():
+            torch.testing.assert_close(grads[name], g, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_checkpointed_layers_keep_recomputing_the_fused_ops():
+    """Inside an activation-checkpointed layer everything is recomputed, the fused ops included, whatever the
+    option: the replacement nodes carry the region's recompute tags (the matcher replaces under the matched node's
+    metadata), so `recompute=False` must not make a checkpointed layer save its norm and SwiGLU outputs."""
+    model = mini_model("llama")
+    ids, labels = batch(model.config.vocab_size, b=2, t=16)
+    plain, _ = _saved_bytes_and_step(copy.deepcopy(model), ids, labels, {"recompute": True})
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    saved = {}
+    for recompute in (True, False):
+        saved[recompute], _ = _saved_bytes_and_step(copy.deepcopy(model), ids, labels, {"recompute": recompute})
+        assert replaced("rms_norm") and replaced("swiglu")
+    assert saved[True] == saved[False] < plain, (saved, plain)
