@@ -28,6 +28,7 @@ public functional calls) sets the flags from requires_grad and grad mode.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -35,11 +36,19 @@ import torch
 from .cross_entropy import REDUCTIONS, _count, _reduce, ce_rows, cross_entropy_ref, cross_entropy_ref_backward
 
 # Bytes of the (C, V) logits chunk buffer. C = CHUNK_BYTES / (V * itemsize), rounded down to a multiple of 128 rows
-# (a GEMM tile): 1024 rows at V=128256 bf16. Why not smaller: the dW update dW += dlogits_c^T @ h_c reads and writes
-# all of dW (2 GiB of traffic, ~0.45 ms on an H200) per chunk while its compute is 2*C*H*V FLOP (~0.68 ms at C=512,
-# 1.36 ms at C=1024): below ~1024 rows the addmm turns memory-bound and the chunk count (hence bf16 roundings of dW)
-# grows. Why not larger: every 1024 rows cost 0.245 GiB. To be swept on the H200 (bench/kernels_flce.py).
-CHUNK_BYTES = 256 << 20
+# (a GEMM tile): 2048 rows at V=128256 bf16. Measured on an H200 (bench/flce_breakdown.py, N=16384 H=4096 V=128256;
+# the three full-size matmuls take 75.5 ms there, 684 TFLOP/s, the floor no chunking beats):
+#     C=1024 82.3 ms, 1.35 GiB extra | C=2048 80.2 ms, 1.59 GiB | C=3072 79.6 ms, 1.84 GiB | C=4096 79.9 ms, 2.08 GiB
+# (extra includes dh and dW, 1.10 GiB). Smaller chunks lose to the dW update, which reads and writes all of dW per
+# chunk (1.78 ms per 1024-row chunk against 1.68 for a plain mm), and to the CE kernel's per-launch tail; past 2048
+# rows each further 0.25 GiB buys under 0.6 ms (0.25% of a Llama-1B step) while it sits on the step's peak.
+CHUNK_BYTES = 512 << 20
+
+# cuBLAS may split a matmul's K across thread blocks and, with torch's default
+# allow_bf16_reduced_precision_reduction=True, add the partial results in bf16. Our chunked shapes invite it (dh_c is
+# C x H with K = V = 128k), and on the H200 it put dh elements of a 37-row chunk 5 bf16 ulps from the fp32 result
+# where torch's one (N, V) @ (V, H) matmul was within 1. The op turns it off for its own matmuls and restores it.
+ALLOW_REDUCED_PRECISION_REDUCTION = False
 
 
 def chunk_rows(N: int, V: int, itemsize: int) -> int:
@@ -77,6 +86,29 @@ def fused_linear_cross_entropy_fwd(
 
     C = chunk or chunk_rows(N, V, h.element_size())
     buf = torch.empty((min(C, N), V), dtype=torch.result_type(h, weight), device=h.device)
+    with _reduced_precision_reduction(ALLOW_REDUCED_PRECISION_REDUCTION):
+        _chunks(h, weight, bias, target, losses, lse, dh, dw, db, grad_scale, buf, C, ignore_index, softcap,
+                logit_scale, grad_input, grad_weight, want_db, block_v)
+    if grad_weight and N == 0:
+        dw.zero_()
+    db = db.to(bias.dtype) if want_db else h.new_empty(0)
+    return _reduce(losses, count, reduction), dh, dw, db
+
+
+@contextlib.contextmanager
+def _reduced_precision_reduction(allow: bool):
+    flags = torch.backends.cuda.matmul
+    old = (flags.allow_bf16_reduced_precision_reduction, flags.allow_fp16_reduced_precision_reduction)
+    flags.allow_bf16_reduced_precision_reduction = flags.allow_fp16_reduced_precision_reduction = allow
+    try:
+        yield
+    finally:
+        flags.allow_bf16_reduced_precision_reduction, flags.allow_fp16_reduced_precision_reduction = old
+
+
+def _chunks(h, weight, bias, target, losses, lse, dh, dw, db, grad_scale, buf, C, ignore_index, softcap, logit_scale,
+            grad_input, grad_weight, want_db, block_v):
+    N = h.shape[0]
     wt = weight.t()
     for i, start in enumerate(range(0, N, C)):
         end = min(start + C, N)
@@ -97,10 +129,6 @@ def fused_linear_cross_entropy_fwd(
                 dw.addmm_(dlogits.t(), h_c)
             if want_db:
                 db += dlogits.sum(0, dtype=torch.float32)
-    if grad_weight and N == 0:
-        dw.zero_()
-    db = db.to(bias.dtype) if want_db else h.new_empty(0)
-    return _reduce(losses, count, reduction), dh, dw, db
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import itertools
 import operator
 import re
 
@@ -83,9 +82,8 @@ def inline_checkpoints(gm: fx.GraphModule) -> fx.GraphModule:
         return gm
     gm = fx.GraphModule(gm, copy.deepcopy(gm.graph))  # shares the sub-modules, owns its graph
     graph = gm.graph
-    for node in [n for n in graph.nodes if inlinable(n)]:
+    for region, node in enumerate([n for n in graph.nodes if inlinable(n)], start=1):
         body = getattr(gm, node.args[0].target)
-        region = next(_ac_region)
         env = dict(zip([n for n in body.graph.nodes if n.op == "placeholder"], node.args[1:]))
         with graph.inserting_before(node):
             for b in body.graph.nodes:
@@ -103,6 +101,7 @@ def inline_checkpoints(gm: fx.GraphModule) -> fx.GraphModule:
                     new = graph.node_copy(b, env.__getitem__)
                 new.meta["recompute"] = CheckpointPolicy.PREFER_RECOMPUTE
                 new.meta["ac_graph_id"] = region
+                mark_in_code(new, f"ckpt{region}")
                 env[b] = new
         for u in list(node.users):
             u.replace_all_uses_with(outs[u.args[1]])
@@ -114,7 +113,14 @@ def inline_checkpoints(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
-_ac_region = itertools.count(1)
+def mark_in_code(node: fx.Node, tag: str) -> None:
+    """Put a recompute tag into the node's name, hence into the graph's code. AOTAutograd's cache keys a graph by
+    its code, not its node metadata: without this, a layer compiled once with recompute tags and once without (the
+    same model checkpointed or not; option `recompute` on or off) shares one cache entry and gets the other's
+    partition. Seen on the H200: `recompute=False` after `recompute=True` came back from the cache in 8 s with the
+    recomputing partition's peak memory."""
+    if not node.name.endswith("_" + tag):
+        node._rename(f"{node.name}_{tag}")
 
 
 def trace_pattern(fn, args, **_ignored) -> fx.GraphModule:

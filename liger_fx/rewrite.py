@@ -37,7 +37,7 @@ from torch._inductor.pattern_matcher import (
     register_graph_pattern,
 )
 
-from .canonicalize import trace_pattern, where
+from .canonicalize import mark_in_code, trace_pattern, where
 from .config import LigerConfig
 
 log = logging.getLogger("liger_fx")
@@ -208,6 +208,7 @@ def tag_recompute(graph: fx.Graph) -> int:
     for node in graph.nodes:
         if node.op == "call_function" and node.target in ops and "recompute" not in node.meta:
             node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+            mark_in_code(node, "recompute")
             tagged += 1
     return tagged
 

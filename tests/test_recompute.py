@@ -14,8 +14,12 @@ from liger_fx.models import mini_model
 from tests.helpers import batch, replaced, train_step
 
 
+CODES: list[str] = []  # the code of every graph handed to compile_fx, in order
+
+
 def _partition_only(gm, example_inputs, config_patches=None):
     """compile_fx's AOTAutograd with Inductor's partitioner, without Inductor's codegen."""
+    CODES.append(gm.code)
     from torch._dynamo.backends.common import aot_autograd
     from torch._dynamo.backends.debugging import boxed_nop
     from torch._functorch.partitioners import min_cut_rematerialization_partition
@@ -81,3 +85,22 @@ def test_checkpointed_layers_keep_recomputing_the_fused_ops():
         saved[recompute], _ = _saved_bytes_and_step(copy.deepcopy(model), ids, labels, {"recompute": recompute})
         assert replaced("rms_norm") and replaced("swiglu")
     assert saved[True] == saved[False] < plain, (saved, plain)
+
+
+def test_recompute_tags_change_the_cache_key():
+    """AOTAutograd's cache keys a graph by its code, not by node metadata; the recompute tags must show in the
+    code, or a compile with the other setting (or the same layers without checkpointing) gets the cached partition.
+    On the H200, `recompute=False` after `recompute=True` came back from the cache with the recomputing partition."""
+    model = mini_model("llama")
+    ids, labels = batch(model.config.vocab_size, b=2, t=16)
+    codes = {}
+    for name, options, ckpt in (("on", None, False), ("off", {"recompute": False}, False), ("ckpt", None, True)):
+        m = copy.deepcopy(model)
+        if ckpt:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            m.train()
+        CODES.clear()
+        _saved_bytes_and_step(m, ids, labels, options)
+        codes[name] = list(CODES)
+    assert len(codes["on"]) == len(codes["off"]) == 1
+    assert len({codes["on"][0], codes["off"][0], codes["ckpt"][0]}) == 3
