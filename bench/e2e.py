@@ -37,7 +37,7 @@ VARIANT_HELP = {
     "liger_fx": 'torch.compile(model, backend="liger"); logits stay a graph output',
     "hf_hook": "liger_fx.apply(model): the HF hook path (no logits in training)",
     "inductor_on_liger_kernel": "liger-kernel monkeypatch, then torch.compile(model) (crashed on the H200 before)",
-    "hf_hook_save": "liger_fx.apply(model, recompute=False): the hook, fused norm/SwiGLU outputs saved, not recomputed",
+    "hf_hook_save": "liger_fx.apply(model, recompute=False): fused norm/SwiGLU outputs saved, not recomputed",
 }
 LR = 1e-4
 

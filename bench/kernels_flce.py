@@ -7,10 +7,10 @@ H200's measured ~790 TFLOP/s (issue 5's floor). Anchors measured before (issue 5
 Memory arithmetic (extra over h, W, target; bench/common.py's EXTRA_PEAK_DEFINITION):
     the gradients themselves: dW 0.98 GiB + dh 0.125 GiB = 1.10 GiB -- every provider returns them, so the "extra"
         column can't go below 1.10 GiB and issue 5's "<= 1.0 GiB extra peak" can only mean the "net" column;
-    liger_fx (compiled): + one (C, V) bf16 logits chunk, 0.245 GiB at C=1024 (kernels/fused_linear_cross_entropy.py:
-        CHUNK_BYTES) -> ~1.35 GiB extra, ~0.25 GiB net. The backward's `grad_output * dW` reuses the saved dW buffer in
-        place (AOTAutograd donates saved tensors; checked in Inductor's output code: `buf1 = getitem_2; del getitem_2
-        # reuse`);
+    liger_fx (compiled): + one (C, V) bf16 logits chunk, 0.49 GiB at C=2048 (kernels/fused_linear_cross_entropy.py:
+        CHUNK_BYTES, 512 MiB) -> ~1.59 GiB extra, ~0.49 GiB net. The backward's `grad_output * dW` reuses the saved
+        dW buffer in place (AOTAutograd donates saved tensors; checked in Inductor's output code: `buf1 = getitem_2;
+        del getitem_2  # reuse`);
     liger_fx_eager (the op called directly, no compile): the backward's grad_output * dW is a new 0.98 GiB tensor
         while the saved one is alive -> ~1.1 GiB more than compiled.
 liger_fx@<size>: the compiled provider with CHUNK_BYTES set to <size>, for the chunk-size sweep.
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from bench.common import KernelBench
 
-SWEEP_CHUNK_MIB = (64, 128, 512)  # besides the default 256 MiB
+SWEEP_CHUNK_MIB = (256,)  # besides the default 512 MiB; bench/flce_breakdown.py sweeps 1024..4096 rows per step
 
 
 def _loss(h, w, target):

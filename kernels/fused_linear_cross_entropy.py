@@ -16,9 +16,10 @@ into the saved buffers (seen in its output code: `buf1 = getitem_2; del getitem_
 backward briefly holds a second dW (0.98 GiB at the shape below).
 
 Memory at N=16384, H=4096, V=128256 in bf16 (extra over h, W, target): dW 0.98 GiB + dh 0.125 GiB (the gradients
-themselves) + the (C, V) chunk buffer (0.245 GiB at C=1024) + 64 KiB of per-row losses.
-dW is accumulated in W's dtype with one cuBLAS addmm per chunk (fp32 inside, one bf16 rounding per chunk): an fp32
-accumulator would be 1.96 GiB, twice the whole budget. With N/C = 16 chunks that is up to 16 roundings of the running
+themselves) + the (C, V) chunk buffer (0.49 GiB at C=2048) + 64 KiB of per-row losses.
+dW is accumulated in W's dtype with one cuBLAS addmm_ per chunk: an fp32 accumulator would be 1.96 GiB, twice the
+whole budget. In bf16, cuBLAS rounds each chunk's product to bf16 and then the sum (measured on the H200: a product
+of 1.29149e-4 entered the sum as 1.2875e-4). With N/C = 8 chunks that is up to 15 roundings of the running
 sum, ~2-3x the error of torch's single matmul; the tests check it against the fp32 reference.
 
 When no input needs a gradient (`grad_input` and `grad_weight` False) only step 1 and the loss run: 2*N*H*V FLOP; a
@@ -28,7 +29,6 @@ public functional calls) sets the flags from requires_grad and grad mode.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
@@ -44,11 +44,6 @@ from .cross_entropy import REDUCTIONS, _count, _reduce, ce_rows, cross_entropy_r
 # rows each further 0.25 GiB buys under 0.6 ms (0.25% of a Llama-1B step) while it sits on the step's peak.
 CHUNK_BYTES = 512 << 20
 
-# cuBLAS may split a matmul's K across thread blocks and, with torch's default
-# allow_bf16_reduced_precision_reduction=True, add the partial results in bf16. Our chunked shapes invite it (dh_c is
-# C x H with K = V = 128k), and on the H200 it put dh elements of a 37-row chunk 5 bf16 ulps from the fp32 result
-# where torch's one (N, V) @ (V, H) matmul was within 1. The op turns it off for its own matmuls and restores it.
-ALLOW_REDUCED_PRECISION_REDUCTION = False
 
 
 def chunk_rows(N: int, V: int, itemsize: int) -> int:
@@ -86,24 +81,12 @@ def fused_linear_cross_entropy_fwd(
 
     C = chunk or chunk_rows(N, V, h.element_size())
     buf = torch.empty((min(C, N), V), dtype=torch.result_type(h, weight), device=h.device)
-    with _reduced_precision_reduction(ALLOW_REDUCED_PRECISION_REDUCTION):
-        _chunks(h, weight, bias, target, losses, lse, dh, dw, db, grad_scale, buf, C, ignore_index, softcap,
-                logit_scale, grad_input, grad_weight, want_db, block_v)
+    _chunks(h, weight, bias, target, losses, lse, dh, dw, db, grad_scale, buf, C, ignore_index, softcap, logit_scale,
+            grad_input, grad_weight, want_db, block_v)
     if grad_weight and N == 0:
         dw.zero_()
     db = db.to(bias.dtype) if want_db else h.new_empty(0)
     return _reduce(losses, count, reduction), dh, dw, db
-
-
-@contextlib.contextmanager
-def _reduced_precision_reduction(allow: bool):
-    flags = torch.backends.cuda.matmul
-    old = (flags.allow_bf16_reduced_precision_reduction, flags.allow_fp16_reduced_precision_reduction)
-    flags.allow_bf16_reduced_precision_reduction = flags.allow_fp16_reduced_precision_reduction = allow
-    try:
-        yield
-    finally:
-        flags.allow_bf16_reduced_precision_reduction, flags.allow_fp16_reduced_precision_reduction = old
 
 
 def _chunks(h, weight, bias, target, losses, lse, dh, dw, db, grad_scale, buf, C, ignore_index, softcap, logit_scale,

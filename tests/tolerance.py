@@ -46,18 +46,26 @@ def poison_(t):
     return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-(2**30))
 
 
-def dlogits_rel_error(lse, x=None, softcap=0.0):
+def dlogits_rel_error(lse, x=None, softcap=0.0, scale=1.0):
     """Per-element bound (relative to |dlogits|) on how far an fp32 gradient of cross-entropy may sit from the exact
     one, ours or torch's, with its cause:
     - eps/2 * |lse|: the kernels save one fp32 LSE per row (4 bytes) and form p = exp(z - lse) from it. Rounding lse
       costs up to half an ulp of |lse| absolute, i.e. that much relative error in every p of the row (1.2e-6 at
       lse = 20: std-4 logits over V=32k..128k). torch subtracts the row max first and keeps ~1 ulp; at the CUDA
       shapes this was the failing term (fp32-mean, 4133x32011 and 1024x128256).
+    - eps * |z - lse|: exp's argument is itself rounded (the subtraction, and Triton's exp = ex2(a * log2 e)), each
+      half an ulp of |a|, which exp turns into that much relative error of p; torch's z - max has the like. Small
+      for the large p, 30+ eps for the tiny ones far below the LSE (needs `x`; omitted without it).
     - 4 eps: exp (ex2.approx on CUDA, ~2 ulp), the product with grad_scale and dz, on either side.
     - softcap: dz = 1 - tanh^2 loses relative precision as tanh saturates: ~2 eps / (1 - tanh^2) on either side.
-    `lse` is (N,) and `x` the (N, V) logits (needed only with a softcap)."""
+    `lse` is (N,), `x` the (N, V) logits, `softcap` and `scale` the transform that makes z of them."""
     eps = torch.finfo(torch.float32).eps
     rel = (eps * (lse.double().abs() / 2 + 4))[:, None]
+    if x is not None:
+        z = x.double()
+        if softcap:
+            z = torch.tanh(z / softcap) * softcap
+        rel = rel + eps * (z * scale - lse.double()[:, None]).abs()
     if softcap:
         rel = rel + 4 * eps / (1 - torch.tanh(x.double() / softcap) ** 2).clamp_min(1e-30)
     return rel

@@ -65,7 +65,7 @@ def test_forward_and_grad(shape, case):
     # exact value sits at a midpoint, so the rule's torch term covers it.
     atol = 4 * torch.finfo(torch.float32).eps * rdx.abs().max().item()
     lse = torch.logsumexp(transform_ref(logits.double(), softcap, scale), -1)
-    own = dlogits_rel_error(lse, logits, softcap) * rdx.abs()
+    own = dlogits_rel_error(lse, logits, softcap, scale) * rdx.abs()
     assert_close_rule(dx, rdx, sdx, atol, "dx", slack=own + interpreter_slack(rdx, dtype, 1))
 
 
