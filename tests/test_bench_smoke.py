@@ -127,3 +127,20 @@ def test_report_ratios_agreement_merge_and_results_md(tmp_path):
     assert text.count("liger_fx/inductor: tok/s x1.200") == 1  # the latest block is replaced, not appended
     history = [ln for ln in text.splitlines() if ln.startswith("| 2026-01-01")]
     assert len(history) == 2 and "72.0k / 20.80" in history[0] and "abc123" in history[0]
+
+
+@cpu_only
+def test_flce_compiled_provider_is_really_rewritten():
+    """The FLCE bench's compiled provider must hit the rewrite (it is scoped to causal-LM losses): at 563f046 it
+    did not, and the H200 row labelled liger_fx measured plain Inductor."""
+    from torch._dynamo.utils import counters
+
+    from bench import kernels_flce
+    from bench.common import smoke_codegen
+
+    torch._dynamo.reset()
+    counters.clear()
+    bench = kernels_flce.make_bench("cpu", smoke=True)
+    with smoke_codegen():
+        bench.providers["liger_fx"]()
+    assert counters["liger_fx"]["fused_linear_cross_entropy"] == 1

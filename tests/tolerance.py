@@ -41,6 +41,19 @@ def assert_close_rule(ours, ref_fp32, torch_same, atol, name="", slack=0.0):
         )
 
 
+def rounding_flips(exact, rel, dtype):
+    """One ulp of `dtype` where two computations of `exact`, each within rel * |exact| of it (in fp32), may round to
+    `dtype` differently: only where a rounding midpoint lies within that distance (they are one ulp apart then).
+    Needed where a rounded value feeds further arithmetic (a sum, a product that rounds again): the rule's torch
+    term sees torch's final error, which can be small although its intermediate rounded the other way. 0 in fp32."""
+    if dtype == torch.float32:
+        return torch.zeros_like(exact)
+    _, exp = torch.frexp(exact)  # |exact| in [2^(exp-1), 2^exp): ulp = eps * 2^(exp-1)
+    ulp = torch.finfo(dtype).eps * torch.exp2((exp - 1).double())
+    to_midpoint = (ulp / 2 - (exact - exact.to(dtype).double()).abs()).abs()
+    return ulp * (to_midpoint <= 2 * rel * exact.abs())
+
+
 def poison_(t):
     """Fill with NaN (floats) so an element the kernel forgets to write fails every comparison."""
     return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-(2**30))

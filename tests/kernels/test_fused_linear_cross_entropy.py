@@ -11,7 +11,7 @@ from liger_fx.kernels.fused_linear_cross_entropy import (
     fused_linear_cross_entropy_ref,
 )
 from liger_fx.kernels.cross_entropy import cross_entropy_ref, transform_ref
-from tests.tolerance import assert_close_rule, dlogits_rel_error, interpreter_slack
+from tests.tolerance import assert_close_rule, dlogits_rel_error, interpreter_slack, rounding_flips
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -82,19 +82,6 @@ def _propagate(e, h, w):
     return e @ w.double().abs(), e.t() @ h.double().abs(), e.sum(0)
 
 
-def _rounding_flips(dl, rel, dtype):
-    """One ulp of dlogits where ours and torch's may round to `dtype` differently. Each side's fp32 dlogits lies
-    within rel * |dl| of the exact value (dlogits_rel_error); they round apart only if a rounding midpoint lies
-    within that distance, one ulp apart then. Such a flip is not covered where it feeds a sum (dh, dW, db): torch's
-    error there is the sum of its own roundings and may happen to be small."""
-    if dtype == torch.float32:
-        return torch.zeros_like(dl)
-    _, exp = torch.frexp(dl)  # |dl| in [2^(exp-1), 2^exp): ulp = eps * 2^(exp-1)
-    ulp = torch.finfo(dtype).eps * torch.exp2((exp - 1).double())
-    to_midpoint = (ulp / 2 - (dl - dl.to(dtype).double()).abs()).abs()
-    return ulp * (to_midpoint <= 2 * rel * dl.abs())
-
-
 def _accumulation_slack(dl, h, chunk, dtype):
     """dW is accumulated in W's dtype, one `addmm_` per chunk (torch rounds once, at the end, which the rule's torch
     term covers). Measured on the H200: cuBLAS's bf16 addmm_ rounds the chunk's product P_k to bf16 BEFORE adding it
@@ -144,7 +131,8 @@ def test_loss_and_grads(shape, case):
     #   one ulp of the element (0 in fp32);
     # - lse: the fp32 dlogits of either side within dlogits_rel_error of the exact ones (the saved LSE: eps/2*|lse|,
     #   1.2e-6 relative at lse = 20), carried through the matmuls; in fp32 this was failing on CUDA;
-    # - flips: in bf16, dlogits that the two sides may round apart (_rounding_flips), carried through the matmuls;
+    # - flips: in bf16, dlogits that the two sides may round apart (tolerance.rounding_flips), carried through the
+    #   matmuls;
     # - order: cuBLAS sums the K products of a matmul in an order it picks by shape (ours: C-row chunks; torch: N
     #   rows). Two orders differ by a random walk of K roundings, each <= u * sum|terms|: std <= u*sqrt(K/3)*terms;
     #   we allow eps*sqrt(K)*terms (3.5 std). fp32 needs it (K = 32011 products for dh); in bf16 it is << one ulp.
@@ -154,7 +142,7 @@ def test_loss_and_grads(shape, case):
     rel = dlogits_rel_error(lse, logits, softcap, scale)
     terms = _propagate(dl.abs(), h, w)
     lse_err = _propagate(rel * dl.abs(), h, w)
-    flips = _propagate(_rounding_flips(dl, rel, dtype), h, w)
+    flips = _propagate(rounding_flips(dl, rel, dtype), h, w)
     del rel
     eps32 = torch.finfo(torch.float32).eps
     for i, (name, ours, K) in enumerate((("dh", dh, V), ("dw", dw, N), ("db", db, N))):

@@ -1,11 +1,13 @@
 """Triton RMSNorm forward and backward against the fp32 reference (CPU: Triton interpreter, small shapes; CUDA: also
 large bf16 shapes)."""
 
+import zlib
+
 import pytest
 import torch
 
 from liger_fx.kernels.rms_norm import rms_norm_bwd, rms_norm_fwd, rms_norm_ref
-from tests.tolerance import assert_close_rule, interpreter_slack
+from tests.tolerance import assert_close_rule, interpreter_slack, rounding_flips
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -32,7 +34,8 @@ def _reference(x, w, eps, offset, casting, dy):
 @pytest.mark.parametrize("casting,offset", FORMS, ids=[f[0] for f in FORMS])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_forward_and_grads(shape, casting, offset, dtype):
-    g = torch.Generator(device=DEVICE).manual_seed(hash((shape, casting)) % 2**31)
+    # crc32, not hash(): str hashes change per process, and a failure must reproduce.
+    g = torch.Generator(device=DEVICE).manual_seed(zlib.crc32(repr((shape, casting)).encode()))
     x = torch.randn(shape, generator=g, device=DEVICE).to(dtype)
     w = (torch.rand(shape[-1], generator=g, device=DEVICE) + 0.5).to(dtype)
     dy = torch.randn(shape, generator=g, device=DEVICE).to(dtype)
@@ -50,7 +53,17 @@ def test_forward_and_grads(shape, casting, offset, dtype):
     # Interpreter only: llama rounds twice (normalized value, product); dW sums dy * rounded xhat over the rows.
     xhat = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
     dw_terms = (dy.float() * xhat).abs().reshape(-1, shape[-1]).sum(0)
-    assert_close_rule(y, ref, same, atol, "out", slack=interpreter_slack(ref, dtype, 2))
+    # Llama casting rounds twice: xhat to the dtype, then w * xhat. Where xhat sits near a rounding midpoint the two
+    # sides may round it apart, and the product then differs by |w| * ulp(xhat), which torch's final error does not
+    # show (H200, 8x2048x2048 bf16: ours 3.0625, torch 3.0781, exact 3.0768). How far apart their fp32 xhat may be:
+    # a few ulp for rsqrt (rsqrt.approx on CUDA) plus the sum of H squares in another order, eps * sqrt(H).
+    flips = 0.0
+    if casting == "llama":
+        xd = x.double()
+        xhat64 = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + eps)
+        rel = torch.finfo(torch.float32).eps * (4 + shape[-1] ** 0.5)
+        flips = w.double().abs() * rounding_flips(xhat64, rel, dtype)
+    assert_close_rule(y, ref, same, atol, "out", slack=flips + interpreter_slack(ref, dtype, 2))
     assert_close_rule(dx, rdx, sdx, atol, "dx", slack=interpreter_slack(rdx, dtype, 1))
     assert_close_rule(dw, rdw, sdw, atol * rows**0.5, "dw", slack=interpreter_slack(dw_terms, dtype, 2))
 
