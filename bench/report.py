@@ -254,11 +254,17 @@ def history_rows(results: dict) -> list[str]:
             return r.get("status", "-")
         return f"{r['tok_s'] / 1e3:.1f}k / {r['peak_gib']:.2f}"
 
+    variants = ("hf_eager", "hf_liger_kernel", "inductor", "liger_fx", "hf_hook")
     for shape, vs in by_shape.items():
+        # A merged result mixes runs: stamp the row with its own cells' runs (dates and commits), not the first run's.
+        stamps = [vs[v]["env"] for v in variants if vs.get(v) and vs[v].get("env")] or [env]
+        dates = sorted({e.get("date", "-") for e in stamps})
+        commits = list(dict.fromkeys(str(e.get("commit")) for e in stamps))
+        e = stamps[-1]
         out.append("| " + " | ".join([
-            env.get("date", "-"), env.get("gpu", "-"), f"{env.get('torch')} / {env.get('triton')} / "
-            f"{env.get('transformers')} / {env.get('liger_kernel') or '-'}", str(env.get("commit")), shape,
-            *(cell(vs.get(v)) for v in ("hf_eager", "hf_liger_kernel", "inductor", "liger_fx", "hf_hook")),
+            dates[0] if len(dates) == 1 else f"{dates[0]} - {dates[-1][-9:]}", e.get("gpu", "-"),
+            f"{e.get('torch')} / {e.get('triton')} / {e.get('transformers')} / {e.get('liger_kernel') or '-'}",
+            ", ".join(commits), shape, *(cell(vs.get(v)) for v in variants),
         ]) + " |")
     return out
 
@@ -283,6 +289,7 @@ def merge(runs: list[dict]) -> dict:
     from bench.e2e import add_loss_diffs
 
     out = dict(runs[0])
+    out["env"] = runs[-1].get("env", out.get("env"))  # the header names the latest run; notes list them all
     for kind, ident in (("kernels", ("key", "name", "provider")), ("e2e", ("shape", "variant"))):
         rows: dict = {}
         for run in runs:
@@ -292,7 +299,7 @@ def merge(runs: list[dict]) -> dict:
                     continue
                 rows[k] = r
         out[kind] = list(rows.values())
-    out["ceilings"] = next((r["ceilings"] for r in runs if r.get("ceilings")), {})
+    out["ceilings"] = next((r["ceilings"] for r in reversed(runs) if r.get("ceilings")), {})
     out["notes"] = list(dict.fromkeys(n for r in runs for n in r.get("notes", [])))
     if len(runs) > 1:
         out["notes"].append(f"merged from {len(runs)} runs: " + "; ".join(env_line(r.get("env", {})) for r in runs))
