@@ -195,18 +195,45 @@ def record_replacement(flag: str, pattern: str, node: fx.Node) -> None:
     log.debug("liger_fx: %s replaced at %s (%s)", flag, where(node), pattern)
 
 
+_NO_GRAD = {torch.ops.aten.detach.default, torch.ops.aten.arange.default, torch.ops.aten.arange.start,
+            torch.ops.aten.arange.start_step}
+
+
+def requires_grad(node) -> bool:
+    """Whether a graph value depends on an input that requires grad (traced values drop the flag; `to_aten` keeps it
+    on placeholders). Conservative: any path counts, except through detach. HF's rotary tables come from the
+    inv_freq buffer and position ids, a few nodes deep."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if not isinstance(n, fx.Node) or n in seen or (n.op == "call_function" and n.target in _NO_GRAD):
+            continue
+        seen.add(n)
+        if n.op == "placeholder" and n.meta.get("requires_grad", True):
+            return True
+        if n.op == "get_attr":  # lifted constants and buffers of a traced module
+            v = getattr(n.graph.owning_module, n.target, None) if n.graph.owning_module is not None else None
+            if isinstance(v, torch.Tensor) and v.requires_grad:
+                return True
+        stack.extend(n.all_input_nodes)
+    return False
+
+
 def tag_recompute(graph: fx.Graph) -> int:
     """Mark the families' `recomputable()` ops for recomputation in the backward (LigerConfig.recompute). The
     min-cut partitioner honours `recompute=MUST_RECOMPUTE` as it does for selective activation checkpointing (an
     infinite edge to the backward side), so it saves the op's inputs, which the op's own backward saves anyway,
-    instead of its output. Nodes already tagged by a checkpointed region keep their region's tags. Returns how
-    many nodes were tagged."""
+    instead of its output. Nodes already tagged by a checkpointed region keep their region's tags. An op none of
+    whose inputs requires grad has no backward and saves nothing (a frozen first layer before the first trainable
+    module, e.g. LoRA on down_proj only): recomputing its output would save its inputs instead, 2x for SwiGLU's gate
+    and up, so it is left alone. Returns how many nodes were tagged."""
     from torch.utils.checkpoint import CheckpointPolicy
 
     ops = {op for fam in families() for op in (fam.recomputable() if hasattr(fam, "recomputable") else ())}
     tagged = 0
     for node in graph.nodes:
-        if node.op == "call_function" and node.target in ops and "recompute" not in node.meta:
+        if (node.op == "call_function" and node.target in ops and "recompute" not in node.meta
+                and any(requires_grad(a) for a in node.all_input_nodes)):
             node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
             mark_in_code(node, "recompute")
             tagged += 1

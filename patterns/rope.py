@@ -29,7 +29,7 @@ import torch.fx as fx
 from torch._guards import detect_fake_mode
 
 from liger_fx.kernels.rope import rope_axes
-from liger_fx.rewrite import Pattern
+from liger_fx.rewrite import Pattern, requires_grad
 
 aten = torch.ops.aten
 liger = torch.ops.liger_fx
@@ -100,29 +100,6 @@ def _val(node):
     return node.meta.get("val") if isinstance(node, fx.Node) else None
 
 
-_NO_GRAD = {aten.detach.default, aten.arange.default, aten.arange.start, aten.arange.start_step}
-
-
-def _requires_grad(node) -> bool:
-    """Whether a graph value depends on an input that requires grad (traced values drop the flag; `to_aten` keeps it
-    on placeholders). Conservative: any path counts, except through detach. HF's tables come from the inv_freq
-    buffer and position ids, a few nodes deep."""
-    seen, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        if not isinstance(n, fx.Node) or n in seen or (n.op == "call_function" and n.target in _NO_GRAD):
-            continue
-        seen.add(n)
-        if n.op == "placeholder" and n.meta.get("requires_grad", True):
-            return True
-        if n.op == "get_attr":  # lifted constants and buffers of a traced module
-            v = getattr(n.graph.owning_module, n.target, None) if n.graph.owning_module is not None else None
-            if isinstance(v, torch.Tensor) and v.requires_grad:
-                return True
-        stack.extend(n.all_input_nodes)
-    return False
-
-
 def _check(partial: bool, spelling: str, upcast: str, match) -> str | None:
     kw = match.kwargs
     x, cos, sin = (_val(kw[n]) for n in ("x", "cos", "sin"))
@@ -132,7 +109,7 @@ def _check(partial: bool, spelling: str, upcast: str, match) -> str | None:
         return f"dtypes {x.dtype}, {cos.dtype}, {sin.dtype} are not all floating point"
     if x.device != cos.device or x.device != sin.device:
         return f"x on {x.device}, cos on {cos.device}, sin on {sin.device}"
-    if _requires_grad(kw["cos"]) or _requires_grad(kw["sin"]):
+    if requires_grad(kw["cos"]) or requires_grad(kw["sin"]):
         return "cos/sin require grad (learned rotary tables are not supported: the op gives them no gradient)"
     D = x.shape[-1]
     rd = kw["rd"] if partial else D

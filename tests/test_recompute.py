@@ -104,3 +104,21 @@ def test_recompute_tags_change_the_cache_key():
         codes[name] = list(CODES)
     assert len(codes["on"]) == len(codes["off"]) == 1
     assert len({codes["on"][0], codes["off"][0], codes["ckpt"][0]}) == 3
+
+
+def test_ops_without_backward_are_not_recomputed():
+    """Only layer 0's down_proj trains (embeddings and everything else frozen, as LoRA on down_proj alone). Layer 0's
+    norms and SwiGLU have no backward; of them only the SwiGLU output is saved, for down_proj's weight gradient.
+    Recomputing it would save gate and up instead: I*B*T*4 bytes more, as tagging every fused op did. Layer 1 and
+    the final norm do have a backward, but their outputs feed frozen projections, which save nothing of them; so the
+    option changes nothing here."""
+    model = mini_model("llama")
+    for name, p in model.named_parameters():
+        p.requires_grad_(name == "model.layers.0.mlp.down_proj.weight")
+    ids, labels = batch(model.config.vocab_size, b=2, t=16)
+    on, (loss_on, grads_on) = _saved_bytes_and_step(copy.deepcopy(model), ids, labels, None)
+    off, (loss_off, grads_off) = _saved_bytes_and_step(copy.deepcopy(model), ids, labels, {"recompute": False})
+    assert on == off, (on, off)
+    assert set(grads_on) == {"model.layers.0.mlp.down_proj.weight"}
+    torch.testing.assert_close(grads_on["model.layers.0.mlp.down_proj.weight"],
+                               grads_off["model.layers.0.mlp.down_proj.weight"], atol=1e-6, rtol=1e-5)
