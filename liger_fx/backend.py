@@ -3,7 +3,8 @@
     torch.compile(model, backend="liger", options={"rope": False})
 
 Dynamo hands us its FX graph and example inputs. We
-  1. retrace it to canonical pre-dispatch ATen (canonicalize.to_aten),
+  1. retrace it to canonical pre-dispatch ATen (canonicalize.to_aten); an SDPA whose mask is provably causal runs
+     with is_causal=True instead (causal_mask.causal_sdpa; option `causal_sdpa`),
   2. run the enabled pattern families in order (rewrite.apply_family), each replacing subgraphs with one fused op
      that carries its own backward, and mark the cheap ones' outputs for recomputation in the backward
      (rewrite.tag_recompute; option `recompute`),
@@ -24,8 +25,8 @@ import torch.fx as fx
 from torch._dynamo.utils import counters
 from torch._inductor.compile_fx import compile_fx
 
-from . import distributed, rewrite
-from .canonicalize import to_aten
+from . import causal_mask, distributed, rewrite
+from .canonicalize import to_aten, where
 from .config import LigerConfig, split_options
 
 log = logging.getLogger("liger_fx")
@@ -54,6 +55,8 @@ def _op_counts(gm: fx.GraphModule) -> Counter:
 def rewrite_graph(gm: fx.GraphModule, example_inputs, config: LigerConfig, record: rewrite.GraphRecord):
     """Steps 1 and 2: canonical ATen, then every pattern family. Returns a new GraphModule."""
     traced = to_aten(gm, example_inputs)
+    if config.causal_sdpa:
+        record.causal_sdpa = [where(n) for n in causal_mask.causal_sdpa(traced.graph)]
     before = _op_counts(traced) if log.isEnabledFor(logging.DEBUG) else None
     for name, fn in passes():
         fn(traced, config, record)
@@ -95,10 +98,13 @@ def liger_backend(gm: fx.GraphModule, example_inputs, options: dict | None = Non
         record.fallback = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         record.replaced.clear()
         record.misses.clear()
+        record.causal_sdpa = []
         log.warning("liger_fx: rewrite of graph %d failed (%s); compiling it with plain Inductor",
                     record.index, record.fallback)
         compiled_gm = gm
     for r in record.replaced:  # counted only once the graph is committed to, so a fallback counts nothing
         counters["liger_fx"][r.flag] += 1
+    if record.causal_sdpa:
+        counters["liger_fx"]["causal_sdpa"] += len(record.causal_sdpa)
     log.info(record.summary())
     return compile_fx(compiled_gm, example_inputs, config_patches=patches or None)

@@ -66,7 +66,7 @@ class ModelReport:
 
     def to_dict(self) -> dict:
         return {"model": self.model, "model_type": self.model_type, "graph_breaks": self.graph_breaks,
-                "patterns": self.patterns()}
+                "patterns": self.patterns(), "causal_sdpa": sum(len(r.causal_sdpa) for r in self.records)}
 
 
 # --------------------------------------------------------------------------------------------------------------

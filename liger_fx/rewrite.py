@@ -91,6 +91,8 @@ class GraphRecord:
     misses: list[Miss] = dataclasses.field(default_factory=list)
     fallback: str | None = None
     """Set when the rewrite failed and the graph was compiled by plain Inductor; the exception, in one line."""
+    causal_sdpa: list[str] = dataclasses.field(default_factory=list)
+    """Where an SDPA's provably causal mask was replaced by is_causal=True (option `causal_sdpa`)."""
 
     def counts(self) -> dict[str, tuple[int, int]]:
         """flag -> (replaced, candidates)."""
@@ -106,10 +108,11 @@ class GraphRecord:
         if self.fallback:
             return f"liger_fx: graph {self.index}: rewrite failed, compiled with plain Inductor ({self.fallback})"
         counts = self.counts()
+        causal = f"; {len(self.causal_sdpa)} causal mask(s) -> SDPA is_causal" if self.causal_sdpa else ""
         if not counts:
-            return f"liger_fx: graph {self.index}: no applicable patterns"
+            return f"liger_fx: graph {self.index}: no applicable patterns{causal}"
         parts = [f"{flag} {r}/{c}" for flag, (r, c) in counts.items()]
-        text = f"liger_fx: graph {self.index}: replaced " + ", ".join(parts)
+        text = f"liger_fx: graph {self.index}: replaced " + ", ".join(parts) + causal
         if self.misses:
             text += f"; {len(self.misses)} near miss(es), first: {self.misses[0].where}: {self.misses[0].reason}"
         return text
