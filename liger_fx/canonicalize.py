@@ -143,8 +143,12 @@ def trace_pattern(fn, args, **_ignored) -> fx.GraphModule:
 _CASTS = {aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.type_as.default, aten.to.other}
 
 
-def _val(node):
+def val(node):
+    """The fake value a traced node carries (None for a non-node argument): what every pass reads shapes from."""
     return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+_val = val
 
 
 def _replace(graph: fx.Graph, node: fx.Node, target, args, kwargs=None) -> fx.Node:

@@ -21,14 +21,12 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from .canonicalize import val as _val
+
 aten = torch.ops.aten
 
 _ARANGES = (aten.arange.default, aten.arange.start, aten.arange.start_step)
 _UNSQUEEZES = (aten.unsqueeze.default, aten.view.default, aten.reshape.default, aten._unsafe_view.default)
-
-
-def _val(node):
-    return node.meta.get("val") if isinstance(node, fx.Node) else None
 
 
 def _same(a, b) -> bool:

@@ -46,6 +46,7 @@ import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
 
+from liger_fx.canonicalize import val as _val
 from liger_fx.rewrite import Pattern, record_replacement
 
 aten = torch.ops.aten
@@ -62,10 +63,6 @@ def patterns() -> list[Pattern]:
 
 def _is(node, *targets) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
-
-
-def _val(node):
-    return node.meta.get("val") if isinstance(node, fx.Node) else None
 
 
 @dataclass

@@ -28,6 +28,7 @@ import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
 
+from liger_fx.canonicalize import val as _val
 from liger_fx.kernels.rope import rope_axes
 from liger_fx.rewrite import Pattern, requires_grad
 
@@ -94,10 +95,6 @@ def _make(partial: bool, spelling: str, upcast: str):
         def replace(x, cos, sin):
             return fused(x, cos, sin)
     return search, replace
-
-
-def _val(node):
-    return node.meta.get("val") if isinstance(node, fx.Node) else None
 
 
 def _check(partial: bool, spelling: str, upcast: str, match) -> str | None:

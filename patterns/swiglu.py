@@ -28,6 +28,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from liger_fx.canonicalize import val as _val
 from liger_fx.rewrite import Pattern
 
 log = logging.getLogger("liger_fx")
@@ -57,10 +58,6 @@ def _make(act: str, act_first: bool):
         return torch.ops.liger_fx.swiglu(gate, up, act)
 
     return search, replace
-
-
-def _val(node):
-    return node.meta.get("val") if isinstance(node, fx.Node) else None
 
 
 def _known(cond) -> bool:
