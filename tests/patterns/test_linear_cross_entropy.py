@@ -113,7 +113,8 @@ def test_liger_802_gradient_accumulation_with_num_items_equals_one_big_batch():
         torch.testing.assert_close(p.grad, ref[k], atol=1e-5, rtol=1e-4, msg=lambda m: f"{k}: {m}")
 
 
-def _capture_flag_args(monkeypatch):
+@pytest.fixture
+def flag_args(monkeypatch):
     """The (grad_input, grad_weight) the fused op gets in each graph AOTAutograd hands to Inductor."""
     seen = []
     real = liger_fx.backend.compile_fx
@@ -126,13 +127,16 @@ def _capture_flag_args(monkeypatch):
         return compile_fx_inner(gm, example_inputs, **kwargs)
 
     monkeypatch.setattr(liger_fx.backend, "compile_fx", lambda gm, ex, **kw: real(gm, ex, inner_compile=inner, **kw))
-    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)  # a cache hit skips inner_compile
-    return seen
+    # A cache hit skips inner_compile. Torch config only through its own patch(): pytest 9's monkeypatch.setattr
+    # deletes a torch config entry on undo (it looks for the old value in the module's __dict__), and every later
+    # compile then failed with "enable_autograd_cache does not exist" (issue 13).
+    with torch._functorch.config.patch(enable_autograd_cache=False):
+        yield seen
 
 
-def test_gradients_are_computed_only_where_needed(monkeypatch):
+def test_gradients_are_computed_only_where_needed(flag_args):
     """Training: dh and dW. A frozen lm_head (PEFT): dh only. no_grad: neither (only the logits matmul runs)."""
-    seen = _capture_flag_args(monkeypatch)
+    seen = flag_args
     model = mini_model("llama", num_hidden_layers=1)
     ids, labels = batch(model.config.vocab_size, ignore=3)
     compare_training(model, ids, labels)
