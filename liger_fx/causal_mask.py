@@ -13,6 +13,18 @@ The proof is structural and exact: both index vectors start at the same offset (
 have the same length, and stand along the query (-2) and key (-1) dims; everything between the comparison and SDPA
 only adds leading dims. Anything else (a padding mask and-ed in, a sliding window, a query shorter than the keys, as
 with a KV cache) is left as it is.
+
+The triangle may be and-ed with terms that are provably all True. transformers (5.17 and 5.24 alike) on torch 2.11,
+the GPU stack, traces its packed-sequence check into every training mask when no position ids are given:
+
+    pos = arange(T) + c, expanded to (B, T)                    the model's own position ids
+    doc = cumsum(diff(pos, prepend=pos[:, :1] - 1) != 1, -1)   `find_packed_sequence_indices`: all 0 here
+    mask = ones(()) & (kv <= q) & (doc[b, q] == doc[b, kv])
+
+Seen in the graph of a tiny Llama under torch 2.11 (torch 2.13 drops the check while tracing, which is why the CPU
+tests passed and the H200 did not fire). The diff of an arange with that prepend is 1 everywhere, so `doc` is constant
+along its last dim and the equality always holds. Position ids given by the caller (packed sequences, TRL's packing)
+are a graph input: nothing can be proven about them and the mask stays.
 """
 
 from __future__ import annotations
@@ -110,11 +122,109 @@ def _is_ones(node) -> bool:
     return node.target is aten.full.default and node.args[1] in (1, 1.0, True)
 
 
+_ANDS = (aten.__and__.Tensor, aten.bitwise_and.Tensor, aten.logical_and.default)
+
+
+def _and_terms(mask: fx.Node) -> list:
+    """The factors of a boolean conjunction (nested ands, expands and leading unsqueezes in between), else [mask]."""
+    mask = _strip_leading(mask)
+    if isinstance(mask, fx.Node) and mask.op == "call_function" and mask.target in _ANDS:
+        return [t for a in mask.args[:2] for t in _and_terms(a)]
+    return [mask]
+
+
+def _along_last(node):
+    """`node` with expands and unsqueezes that keep the last dim skipped (a (T,) index broadcast to (B, T))."""
+    while isinstance(node, fx.Node) and node.op == "call_function":
+        if node.target is aten.expand.default and node.args[1][-1] in (-1, _val(node.args[0]).shape[-1]):
+            node = node.args[0]
+        elif node.target is aten.unsqueeze.default and node.args[1] < -1:
+            node = node.args[0]
+        else:
+            break
+    return node
+
+
+def _is_arange_last(node) -> bool:
+    """`arange(T) [+ c]` along the last dim, possibly broadcast over leading dims: consecutive steps of exactly 1."""
+    node = _along_last(node)
+    return isinstance(node, fx.Node) and _index(node) is not None and _only_dim(node) == -1
+
+
+def _all_ones_diff(node) -> bool:
+    """`diff(p, prepend=p[..., :1] - 1)` along the last dim of an arange p: 1 at every position."""
+    if not (isinstance(node, fx.Node) and node.target is aten.diff.default):
+        return False
+    args = list(node.args) + [None] * (5 - len(node.args))
+    p, n, dim, prepend, append = args[:5]
+    n, dim = node.kwargs.get("n", n if n is not None else 1), node.kwargs.get("dim", dim if dim is not None else -1)
+    prepend, append = node.kwargs.get("prepend", prepend), node.kwargs.get("append", append)
+    rank = _val(p).dim() if _val(p) is not None else None
+    if n != 1 or append is not None or rank is None or dim not in (-1, rank - 1) or not _is_arange_last(p):
+        return False
+    # prepend = p[..., 0:1] - 1: the first difference is p[0] - (p[0] - 1) = 1
+    if not (isinstance(prepend, fx.Node) and prepend.op == "call_function"):
+        return False
+    if prepend.target is aten.sub.Tensor and prepend.args[1] == 1:
+        first = prepend.args[0]
+    elif prepend.target is aten.add.Tensor and prepend.args[1] == -1:
+        first = prepend.args[0]
+    else:
+        return False
+    return (isinstance(first, fx.Node) and first.target is aten.slice.Tensor and first.args[0] is p
+            and first.args[1] in (-1, rank - 1) and _same(first.args[2], 0) and _same(first.args[3], 1)
+            and (len(first.args) < 5 or first.args[4] == 1))
+
+
+def _constant_along_last(node) -> bool:
+    """A tensor provably constant along its last dim: the cumsum of an all-False `diff != 1` (transformers'
+    packed-sequence index of its own arange position ids)."""
+    if not (isinstance(node, fx.Node) and node.target is aten.cumsum.default):
+        return False
+    z = node.args[0]
+    return (node.args[1] in (-1, _val(z).dim() - 1 if _val(z) is not None else -1)
+            and isinstance(z, fx.Node) and z.target in (aten.ne.Scalar, aten.ne.Tensor) and z.args[1] == 1
+            and _all_ones_diff(z.args[0]))
+
+
+def _all_true(node) -> bool:
+    """A boolean term provably True everywhere: ones (or True fills), or `s[i.., q] == s[i.., kv]` for an `s`
+    constant along its last dim, indexed by the same leading index tensors."""
+    node = _strip_leading(node)
+    if _is_ones(node) or (isinstance(node, fx.Node) and node.target is aten.new_ones.default):
+        return True
+    if not (isinstance(node, fx.Node) and node.target is aten.eq.Tensor):
+        return False
+    a, b = node.args[:2]
+    if not all(isinstance(x, fx.Node) and x.target is aten.index.Tensor for x in (a, b)):
+        return False
+    (sa, ia), (sb, ib) = a.args[:2], b.args[:2]
+    rank = _val(sa).dim() if _val(sa) is not None else None
+    return (sa is sb and rank is not None and len(ia) == len(ib) == rank
+            and all(x is y for x, y in zip(ia[:-1], ib[:-1])) and _constant_along_last(sa))
+
+
 def causal_extent(mask: fx.Node):
     """(L, S) if the boolean `mask` is exactly the causal triangle (True where key <= query) in its last two dims,
-    else None."""
+    else None. The triangle may be and-ed with provably all-True terms (see the module docstring)."""
     if not isinstance(mask, fx.Node) or _val(mask) is None or _val(mask).dtype != torch.bool:
         return None  # a float mask is added to the scores: another meaning
+    terms = _and_terms(mask)
+    extents = [_triangle(t) for t in terms]
+    found = [e for e in extents if e is not None]
+    if len(found) != 1 or not all(_all_true(t) for t, e in zip(terms, extents) if e is None):
+        return None
+    L, S = found[0]
+    shape = _val(mask).shape  # an all-True factor must not broadcast the triangle to other lengths
+    if not (_same(shape[-2], L) and _same(shape[-1], S)):
+        return None
+    return L, S
+
+
+def _triangle(mask) -> tuple | None:
+    """(L, S) if `mask` (one factor) is the causal triangle itself."""
+    if not isinstance(mask, fx.Node) or mask.op != "call_function" or getattr(_val(mask), "dtype", None) != torch.bool:
+        return None
     mask = _strip_leading(mask)
     if mask.target is aten.to.dtype:
         mask = mask.args[0]  # tril(ones(float)).bool(): the cast to bool was checked above

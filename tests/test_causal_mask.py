@@ -33,7 +33,23 @@ def _mask(kind, T, device):
         return (i[None, :] <= (i + 1)[:, None])[None, None]
     if kind == "tril_float":  # 0/1 floats are ADDED to the scores: not a boolean mask
         return torch.ones(T, T, device=device).tril()
+    if kind in ("packed_arange", "packed_restart"):
+        return _packed_mask(kind, T, device)
     raise ValueError(kind)
+
+
+def _packed_mask(kind, T, device, B=2):
+    """transformers' mask with its packed-sequence check, as torch 2.11 traces it on the GPU (transformers 5.17 and
+    5.24): True & (kv <= q) & (doc[b, q] == doc[b, kv]), doc the cumsum of `diff(pos) != 1`. From the model's own
+    arange positions doc is all 0 (causal); from positions that restart every 5 tokens (packed documents) it is not."""
+    i = torch.arange(T, device=device)
+    pos = (i + 0)[None, :].expand(B, -1)
+    if kind == "packed_restart":
+        pos = pos % 5
+    doc = (torch.diff(pos, prepend=pos[:, :1] - 1, dim=-1) != 1).cumsum(-1)
+    b = torch.arange(B, device=device)[:, None, None, None]
+    q, kv = i[None, None, :, None], i[None, None, None, :]
+    return torch.ones((), dtype=torch.bool, device=device).new_ones(()) & (kv <= q) & (doc[b, q] == doc[b, kv])
 
 
 class Block(torch.nn.Module):
@@ -78,14 +94,14 @@ def _compiled_step(kind, options=None, T=16, dynamic=False):
     return counters["liger_fx"]["causal_sdpa"]
 
 
-@pytest.mark.parametrize("kind", ["le", "ge", "tril_bool", "tril_float_then_bool"])
+@pytest.mark.parametrize("kind", ["le", "ge", "tril_bool", "tril_float_then_bool", "packed_arange"])
 def test_causal_masks_become_is_causal(kind):
     assert _compiled_step(kind) == 1
     (record,) = liger_fx.get_records()
     assert record.causal_sdpa and "causal mask(s) -> SDPA is_causal" in record.summary()
 
 
-@pytest.mark.parametrize("kind", ["strict", "anti", "window", "offset", "tril_float"])
+@pytest.mark.parametrize("kind", ["strict", "anti", "window", "offset", "tril_float", "packed_restart"])
 def test_other_masks_are_left_alone(kind):
     assert _compiled_step(kind) == 0
 
