@@ -175,6 +175,15 @@ def matmul_tflops(device, smoke: bool = False) -> float:
     return 2 * n**3 / (med * 1e-3) / 1e12
 
 
+def compile_liger(fn: Callable) -> Callable:
+    """`torch.compile(fn, backend="liger")` as a user writes it: the plain torch form is rewritten into our op, and
+    the row measures the op as users call it (dispatch, launch, Inductor's code around it), not the bare kernel."""
+    from bench.e2e import _ensure_liger_backend
+
+    _ensure_liger_backend()
+    return torch.compile(fn, backend="liger", dynamic=False)
+
+
 @contextlib.contextmanager
 def smoke_codegen():
     """In the CPU smoke mode, swap Inductor's code generation for aot_eager.

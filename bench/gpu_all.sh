@@ -12,6 +12,7 @@
 # Everything lands in $OUT: gpu_all.log (all output), pytest.log, results.json, results.md, e2e.png.
 #
 # Knobs (environment): TOTAL_BUDGET (540 s), PYTEST_BUDGET (150 s), SKIP_TESTS=1, PYTEST_PATHS (tests/kernels tests),
+# HOST_COST=1 (bench/host_cost.py --both: per-op host cost, triton_op vs opaque custom_op),
 # PYTEST_MARK (not slow), KERNELS (all),
 # E2E (llama-1b), VARIANTS (all), STEPS (10), WARMUP (3), VARIANT_TIMEOUT (240 s), BENCH_ARGS (extra bench.run flags).
 # SKIP_INSTALL=1 skips the editable install (for a dry run on a machine where liger-fx is installed already).
@@ -58,6 +59,11 @@ if [ "${SKIP_TESTS:-0}" != "1" ]; then
   [ $rc -eq 124 ] && echo "!! pytest stopped at PYTEST_BUDGET=${PYTEST_BUDGET:-150} s (see pytest.log for how far it got)"
   grep -E "^(FAILED|ERROR) " "$OUT/pytest.log" | head -n 30
   echo "== pytest exit $rc: $(grep -cE ' PASSED' "$OUT/pytest.log") passed, $(grep -cE ' FAILED' "$OUT/pytest.log") failed, $(grep -cE ' SKIPPED' "$OUT/pytest.log") skipped; $(tail -n 1 "$OUT/pytest.log"); at $(elapsed) s"
+fi
+
+if [ "${HOST_COST:-0}" = "1" ]; then  # issue 18: host cost of each op per call, triton_op against opaque custom_op
+  timeout -k 5 120 python3 -m bench.host_cost --both --json "$OUT/host_cost.jsonl" 2>&1 | tail -n 12
+  echo "== host_cost done at $(elapsed) s"
 fi
 
 LEFT=$(( ${TOTAL_BUDGET:-540} - $(elapsed) - 15 ))

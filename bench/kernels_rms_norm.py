@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.common import KernelBench
+from bench.common import KernelBench, compile_liger
 
 EPS = 1e-6
 
@@ -36,10 +36,15 @@ def make_bench(device, smoke: bool = False) -> KernelBench:
     def ref(x, w):
         return rms_norm_ref(x, w, EPS)
 
+    def hf(x, w):  # LlamaRMSNorm's forward: what a user's model hands the compiler
+        xf = x.float()
+        return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + EPS)).to(x.dtype)
+
     providers = {
         "torch": _fwd_bwd(ref, x, w, dy),
-        "inductor": _fwd_bwd(torch.compile(ref, dynamic=False), x, w, dy),
+        "inductor": _fwd_bwd(torch.compile(hf, dynamic=False), x, w, dy),
         "liger_fx": _fwd_bwd(lambda x, w: torch.ops.liger_fx.rms_norm(x, w, EPS, 0.0, "llama"), x, w, dy),
+        "liger_fx_compile": _fwd_bwd(compile_liger(hf), x, w, dy),
     }
     unavailable = {}
     try:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.common import KernelBench
+from bench.common import KernelBench, compile_liger
 
 B, T, HQ, HK, D = 8, 2048, 32, 8, 128
 
@@ -70,6 +70,7 @@ def make_bench(device, smoke: bool = False) -> KernelBench:
         "inductor": _call(torch.compile(_hf, dynamic=False), qb, kb, cos, sin, dq, dk),
         "liger_fx": _call(fx_qk, qb, kb, cos, sin, dq, dk),
         "liger_fx_separate": _call(fx_separate, qb, kb, cos, sin, dq, dk),
+        "liger_fx_compile": _call(compile_liger(_hf), qb, kb, cos, sin, dq, dk),
     }
     unavailable = {}
     try:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bench.common import KernelBench
+from bench.common import KernelBench, compile_liger
 
 
 def _split_call(f, g, u, dy):
@@ -93,6 +93,7 @@ def make_bench(device, smoke: bool = False) -> list[KernelBench]:
         "torch": _split_call(_eager_split, g, u, dy),
         "inductor": _split_call(torch.compile(_eager_split, dynamic=False), g, u, dy),
         "liger_fx": _split_call(lambda g, u: torch.ops.liger_fx.swiglu(g, u, "silu"), g, u, dy),
+        "liger_fx_compile": _split_call(compile_liger(_eager_split), g, u, dy),
     }
     split_unavailable = {}
     if lk is None:
@@ -118,6 +119,7 @@ def make_bench(device, smoke: bool = False) -> list[KernelBench]:
         "liger_fx_strided": _packed_call(
             lambda gu: torch.ops.liger_fx.swiglu(*gu.chunk(2, dim=-1), "silu"), gu, dy_p
         ),
+        "liger_fx_compile": _packed_call(compile_liger(_eager_packed), gu, dy_p),
     }
     packed_unavailable = {}
     if lk is None:

@@ -10,9 +10,14 @@ reduced in fp32: each program sums its rows into one partial row, and a (program
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
+
+from ._library import triton_library_op
 
 CASTINGS = ("llama", "gemma")
 
@@ -97,7 +102,7 @@ def rms_norm_fwd(x, weight, eps: float, offset: float = 0.0, casting: str = "lla
     if M == 0:
         return y.view(x.shape)
     block_m, block_n, warps = _tile(N, block_m, num_warps)
-    _rms_norm_fwd_kernel[(triton.cdiv(M, block_m),)](
+    wrap_triton(_rms_norm_fwd_kernel)[(triton.cdiv(M, block_m),)](
         x2, weight, y, x2.stride(0), y.stride(0), M, N, float(eps), float(offset),
         GEMMA=casting == "gemma", BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
     )
@@ -110,6 +115,12 @@ def rms_norm_fwd(x, weight, eps: float, offset: float = 0.0, casting: str = "lla
 # load latency that one row a step exposes; few programs keep the fp32 dW partials small (264 x N).
 PROGRAMS_PER_SM = 2
 BWD_TILE_ELEMENTS = 8192
+
+
+@functools.cache
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (4 elsewhere: the interpreter runs programs one by one)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
 def rms_norm_bwd(dy, x, weight, eps: float, offset: float = 0.0, casting: str = "llama",
@@ -126,16 +137,12 @@ def rms_norm_bwd(dy, x, weight, eps: float, offset: float = 0.0, casting: str = 
     block_m, block_n, warps = _tile(N, block_m or max(1, min(64, BWD_TILE_ELEMENTS // triton.next_power_of_2(N))),
                                     num_warps or 8)
     blocks = triton.cdiv(M, block_m)
-    if x.device.type == "cuda":
-        programs = torch.cuda.get_device_properties(x.device).multi_processor_count * programs_per_sm
-    else:
-        programs = 4
-    programs = max(1, min(programs, blocks))
+    programs = max(1, min(num_sms(x.device) * programs_per_sm, blocks))
     blocks_per_program = triton.cdiv(blocks, programs)
     programs = triton.cdiv(blocks, blocks_per_program)
     dw_partial = torch.empty((programs, N), dtype=torch.float32, device=x.device)
     if M > 0:
-        _rms_norm_bwd_kernel[(programs,)](
+        wrap_triton(_rms_norm_bwd_kernel)[(programs,)](
             dy2, x2, weight, dx, dw_partial, dy2.stride(0), x2.stride(0), dx.stride(0), M, N,
             float(eps), float(offset), blocks_per_program,
             GEMMA=casting == "gemma", BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
@@ -175,33 +182,27 @@ def rms_norm_ref_backward(dy, x, weight, eps: float, offset: float = 0.0, castin
 # The library op
 
 
-@torch.library.custom_op("liger_fx::rms_norm", mutates_args=())
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, casting: str) -> torch.Tensor:
-    if x.device.type == "cuda":
-        return rms_norm_fwd(x, weight, eps, offset, casting)
-    # Contiguous like the Triton path and the fake: the reference keeps a transposed input's strides (Gemma3's q/k
-    # norms), and Inductor asserts the strides the fake promised.
+def _rms_norm_cpu(x, weight, eps, offset, casting):
+    # Contiguous like the Triton path: the reference keeps a transposed input's strides (Gemma3's q/k norms), and
+    # Inductor asserts the strides the fake promised.
     return rms_norm_ref(x, weight, eps, offset, casting).contiguous()
 
 
-@_rms_norm.register_fake
-def _(x, weight, eps, offset, casting):
-    return x.new_empty(x.shape, dtype=_out_dtype(x, weight, casting))
+@triton_library_op("liger_fx::rms_norm", cpu=_rms_norm_cpu)
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, casting: str) -> torch.Tensor:
+    return rms_norm_fwd(x, weight, eps, offset, casting)
 
 
-@torch.library.custom_op("liger_fx::rms_norm_backward", mutates_args=())
-def _rms_norm_backward(
-    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, casting: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    if x.device.type == "cuda":
-        return rms_norm_bwd(dy, x, weight, eps, offset, casting)
+def _rms_norm_backward_cpu(dy, x, weight, eps, offset, casting):
     dx, dw = rms_norm_ref_backward(dy, x, weight, eps, offset, casting)
     return dx.contiguous(), dw
 
 
-@_rms_norm_backward.register_fake
-def _(dy, x, weight, eps, offset, casting):
-    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight)
+@triton_library_op("liger_fx::rms_norm_backward", cpu=_rms_norm_backward_cpu)
+def _rms_norm_backward(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, casting: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return rms_norm_bwd(dy, x, weight, eps, offset, casting)
 
 
 def _setup_context(ctx, inputs, output):

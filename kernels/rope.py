@@ -23,6 +23,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
+
+from ._library import triton_library_op
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -169,8 +172,10 @@ def _launch(x, k, cos, sin, x_dtype, k_dtype, backward: bool):
     # 0.079), against 0.123 ms for all 32 heads in one step (register pressure) and 0.094 for 4 heads.
     block_h = TUNE.get("block_h") or min(triton.next_power_of_2(max(HX, HK, 1)), max(1, 512 // block_half))
     num_warps = TUNE.get("num_warps") or (4 if block_h * block_half >= 512 else (2 if block_h * block_half >= 128 else 1))
-    _rope_kernel[(N0 * N2,)](
-        x4, y4, k4, ky4, c4, s4,
+    # The outputs go to the kernel as the tensors allocated above (same storage and offset as their views y4, ky4,
+    # whose strides it gets): a write through a view would cost a copy of the base under torch.compile.
+    wrap_triton(_rope_kernel)[(N0 * N2,)](
+        x4, y, k4, ky if k is not None else y, c4, s4,
         x4.stride(0), x4.stride(1), x4.stride(2), y4.stride(0), y4.stride(1), y4.stride(2),
         k4.stride(0), k4.stride(1), k4.stride(2), ky4.stride(0), ky4.stride(1), ky4.stride(2),
         c4.stride(0), c4.stride(2), s4.stride(0), s4.stride(2),
@@ -241,60 +246,48 @@ def _cpu(fn, like, dtype, *args):
 # The library ops
 
 
-@torch.library.custom_op("liger_fx::rope", mutates_args=())
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    if x.device.type == "cuda":
-        return rope_fwd(x, cos, sin, out_dtype)
+def _rope_cpu(x, cos, sin, out_dtype):
     rope_axes(x, cos, sin)
     return _cpu(rope_ref, x, out_dtype, x, cos, sin, out_dtype)
 
 
-@_rope.register_fake
-def _(x, cos, sin, out_dtype):
-    return _empty_like(x, out_dtype)
+@triton_library_op("liger_fx::rope", cpu=_rope_cpu)
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    return rope_fwd(x, cos, sin, out_dtype)
 
 
-@torch.library.custom_op("liger_fx::rope_backward", mutates_args=())
-def _rope_backward(dy: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, x_dtype: torch.dtype) -> torch.Tensor:
-    if dy.device.type == "cuda":
-        return rope_bwd(dy, cos, sin, x_dtype)
+def _rope_backward_cpu(dy, cos, sin, x_dtype):
     return _cpu(rope_ref_backward, dy, x_dtype, dy, cos, sin, x_dtype)
 
 
-@_rope_backward.register_fake
-def _(dy, cos, sin, x_dtype):
-    return _empty_like(dy, x_dtype)
+@triton_library_op("liger_fx::rope_backward", cpu=_rope_backward_cpu)
+def _rope_backward(dy: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, x_dtype: torch.dtype) -> torch.Tensor:
+    return rope_bwd(dy, cos, sin, x_dtype)
 
 
-@torch.library.custom_op("liger_fx::rope_qk", mutates_args=())
-def _rope_qk(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_dtype: torch.dtype, k_dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    if q.device.type == "cuda":
-        return rope_qk_fwd(q, k, cos, sin, q_dtype, k_dtype)
+def _rope_qk_cpu(q, k, cos, sin, q_dtype, k_dtype):
     rope_axes(q, cos, sin, k)
     return _cpu(rope_ref, q, q_dtype, q, cos, sin, q_dtype), _cpu(rope_ref, k, k_dtype, k, cos, sin, k_dtype)
 
 
-@_rope_qk.register_fake
-def _(q, k, cos, sin, q_dtype, k_dtype):
-    return _empty_like(q, q_dtype), _empty_like(k, k_dtype)
-
-
-@torch.library.custom_op("liger_fx::rope_qk_backward", mutates_args=())
-def _rope_qk_backward(
-    dq: torch.Tensor, dk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_dtype: torch.dtype,
-    k_dtype: torch.dtype,
+@triton_library_op("liger_fx::rope_qk", cpu=_rope_qk_cpu)
+def _rope_qk(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_dtype: torch.dtype, k_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if dq.device.type == "cuda":
-        return rope_qk_bwd(dq, dk, cos, sin, q_dtype, k_dtype)
+    return rope_qk_fwd(q, k, cos, sin, q_dtype, k_dtype)
+
+
+def _rope_qk_backward_cpu(dq, dk, cos, sin, q_dtype, k_dtype):
     return (_cpu(rope_ref_backward, dq, q_dtype, dq, cos, sin, q_dtype),
             _cpu(rope_ref_backward, dk, k_dtype, dk, cos, sin, k_dtype))
 
 
-@_rope_qk_backward.register_fake
-def _(dq, dk, cos, sin, q_dtype, k_dtype):
-    return _empty_like(dq, q_dtype), _empty_like(dk, k_dtype)
+@triton_library_op("liger_fx::rope_qk_backward", cpu=_rope_qk_backward_cpu)
+def _rope_qk_backward(
+    dq: torch.Tensor, dk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_dtype: torch.dtype,
+    k_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return rope_qk_bwd(dq, dk, cos, sin, q_dtype, k_dtype)
 
 
 def _refuse_table_grad(cos, sin):

@@ -24,6 +24,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
+
+from ._library import triton_library_op
 
 ACTS = ("silu", "gelu_tanh", "gelu")
 _ACT_ID = {name: i for i, name in enumerate(ACTS)}
@@ -80,9 +83,13 @@ def _swiglu_fwd_kernel(
 
 @triton.jit
 def _swiglu_bwd_kernel(
-    DY, G, U, DG, DU, stride_dy, stride_g, stride_u, stride_dg, stride_du, N,
-    ACT: tl.constexpr, BLOCK_N: tl.constexpr,
+    DY, G, U, DG, DU, stride_dy, stride_g, stride_u, stride_dg, stride_du, N, du_offset,
+    ACT: tl.constexpr, PACKED: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """PACKED: d(up) goes into DG's own buffer at `du_offset` (the packed gradient is one tensor, written whole so the
+    compiler sees a write into the buffer it allocated, not through two views of it); DU is unused."""
+    if PACKED:
+        DU = DG + du_offset
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = cols < N
@@ -119,41 +126,48 @@ def _fwd_into(g2, u2, y2, act: str) -> None:
     if M == 0 or N == 0:
         return
     block_n, num_warps = _launch_config(N)
-    _swiglu_fwd_kernel[(M, triton.cdiv(N, block_n))](
+    wrap_triton(_swiglu_fwd_kernel)[(M, triton.cdiv(N, block_n))](
         g2, u2, y2, g2.stride(0), u2.stride(0), y2.stride(0), N,
         ACT=_ACT_ID[act], BLOCK_N=block_n, num_warps=num_warps,
     )
 
 
-def _bwd_into(dy2, g2, u2, dg2, du2, act: str) -> None:
+def _bwd_into(dy2, g2, u2, dg2, du2, act: str, du_offset: int | None = None) -> None:
+    """du_offset given: packed, d(up) written into dg2's buffer that many elements on (du2 is ignored)."""
     M, N = g2.shape
     if M == 0 or N == 0:
         return
     block_n, num_warps = _launch_config(N)
-    _swiglu_bwd_kernel[(M, triton.cdiv(N, block_n))](
-        dy2, g2, u2, dg2, du2, dy2.stride(0), g2.stride(0), u2.stride(0), dg2.stride(0), du2.stride(0), N,
-        ACT=_ACT_ID[act], BLOCK_N=block_n, num_warps=num_warps,
+    packed = du_offset is not None
+    wrap_triton(_swiglu_bwd_kernel)[(M, triton.cdiv(N, block_n))](
+        dy2, g2, u2, dg2, dy2 if packed else du2, dy2.stride(0), g2.stride(0), u2.stride(0), dg2.stride(0),
+        dg2.stride(0) if packed else du2.stride(0), N, du_offset or 0,
+        ACT=_ACT_ID[act], PACKED=packed, BLOCK_N=block_n, num_warps=num_warps,
     )
 
 
-# The launchers take optional output buffers (contiguous, of the result's shape) so tests can poison them.
+# The launchers take optional output buffers (contiguous, of the result's shape) so tests can poison them. Without
+# one they allocate the 2-D buffer the kernel writes and return a view of it (a kernel writing through a view would
+# cost a copy under torch.compile: kernels/_library.py).
+
+
+def _out2(out, shape2, like) -> torch.Tensor:
+    return out.view(shape2) if out is not None else torch.empty(shape2, dtype=like.dtype, device=like.device)
 
 
 def swiglu_fwd(gate, up, act: str, out=None) -> torch.Tensor:
     g2, u2 = _rows(gate), _rows(up)
-    y = out if out is not None else torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-    _fwd_into(g2, u2, y.view(g2.shape), act)
-    return y
+    y2 = _out2(out, g2.shape, gate)
+    _fwd_into(g2, u2, y2, act)
+    return y2.view(gate.shape)
 
 
 def swiglu_bwd(dy, gate, up, act: str, out=None) -> tuple[torch.Tensor, torch.Tensor]:
     g2, u2, dy2 = _rows(gate), _rows(up), _rows(dy)
-    if out is None:
-        out = (torch.empty(gate.shape, dtype=gate.dtype, device=gate.device),
-               torch.empty(up.shape, dtype=up.dtype, device=up.device))
-    dg, du = out
-    _bwd_into(dy2, g2, u2, dg.view(g2.shape), du.view(u2.shape), act)
-    return dg, du
+    dg2 = _out2(out[0] if out is not None else None, g2.shape, gate)
+    du2 = _out2(out[1] if out is not None else None, u2.shape, up)
+    _bwd_into(dy2, g2, u2, dg2, du2, act)
+    return dg2.view(gate.shape), du2.view(up.shape)
 
 
 def _packed_shape(gate_up: torch.Tensor) -> list:
@@ -163,18 +177,17 @@ def _packed_shape(gate_up: torch.Tensor) -> list:
 def swiglu_packed_fwd(gate_up, act: str, out=None) -> torch.Tensor:
     gu2 = _rows(gate_up)
     half = gu2.shape[1] // 2
-    y = out if out is not None else gate_up.new_empty(_packed_shape(gate_up))
-    _fwd_into(gu2[:, :half], gu2[:, half:], y.view(-1, half), act)
-    return y
+    y2 = _out2(out, (gu2.shape[0], half), gate_up)
+    _fwd_into(gu2[:, :half], gu2[:, half:], y2, act)
+    return y2.view(_packed_shape(gate_up))
 
 
 def swiglu_packed_bwd(dy, gate_up, act: str, out=None) -> torch.Tensor:
     gu2, dy2 = _rows(gate_up), _rows(dy)
     half = gu2.shape[1] // 2
-    dgu = out if out is not None else torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
-    dgu2 = dgu.view(gu2.shape)
-    _bwd_into(dy2, gu2[:, :half], gu2[:, half:], dgu2[:, :half], dgu2[:, half:], act)
-    return dgu
+    dgu2 = _out2(out, gu2.shape, gate_up)
+    _bwd_into(dy2, gu2[:, :half], gu2[:, half:], dgu2, None, act, du_offset=half)
+    return dgu2.view(gate_up.shape)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -223,30 +236,25 @@ def swiglu_packed_ref_backward(dy, gate_up, act: str) -> torch.Tensor:
 # The library ops
 
 
-@torch.library.custom_op("liger_fx::swiglu", mutates_args=())
+def _swiglu_cpu(gate, up, act):
+    return swiglu_ref(gate, up, act).contiguous()
+
+
+@triton_library_op("liger_fx::swiglu", cpu=_swiglu_cpu)
 def _swiglu(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
-    if gate.device.type == "cuda":
-        return swiglu_fwd(gate, up, act)
-    return swiglu_ref(gate, up, act)
+    return swiglu_fwd(gate, up, act)
 
 
-@_swiglu.register_fake
-def _(gate, up, act):
-    return gate.new_empty(gate.shape)
+def _swiglu_backward_cpu(dy, gate, up, act):
+    dg, du = swiglu_ref_backward(dy, gate, up, act)
+    return dg.contiguous(), du.contiguous()
 
 
-@torch.library.custom_op("liger_fx::swiglu_backward", mutates_args=())
+@triton_library_op("liger_fx::swiglu_backward", cpu=_swiglu_backward_cpu)
 def _swiglu_backward(
     dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if gate.device.type == "cuda":
-        return swiglu_bwd(dy, gate, up, act)
-    return swiglu_ref_backward(dy, gate, up, act)
-
-
-@_swiglu_backward.register_fake
-def _(dy, gate, up, act):
-    return gate.new_empty(gate.shape), up.new_empty(up.shape)
+    return swiglu_bwd(dy, gate, up, act)
 
 
 def _setup_context(ctx, inputs, output):
@@ -264,28 +272,22 @@ def _backward(ctx, dy):
 _swiglu.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("liger_fx::swiglu_packed", mutates_args=())
+def _swiglu_packed_cpu(gate_up, act):
+    return swiglu_packed_ref(gate_up, act).contiguous()
+
+
+@triton_library_op("liger_fx::swiglu_packed", cpu=_swiglu_packed_cpu)
 def _swiglu_packed(gate_up: torch.Tensor, act: str) -> torch.Tensor:
-    if gate_up.device.type == "cuda":
-        return swiglu_packed_fwd(gate_up, act)
-    return swiglu_packed_ref(gate_up, act)
+    return swiglu_packed_fwd(gate_up, act)
 
 
-@_swiglu_packed.register_fake
-def _(gate_up, act):
-    return gate_up.new_empty(_packed_shape(gate_up))
+def _swiglu_packed_backward_cpu(dy, gate_up, act):
+    return swiglu_packed_ref_backward(dy, gate_up, act).contiguous()
 
 
-@torch.library.custom_op("liger_fx::swiglu_packed_backward", mutates_args=())
+@triton_library_op("liger_fx::swiglu_packed_backward", cpu=_swiglu_packed_backward_cpu)
 def _swiglu_packed_backward(dy: torch.Tensor, gate_up: torch.Tensor, act: str) -> torch.Tensor:
-    if gate_up.device.type == "cuda":
-        return swiglu_packed_bwd(dy, gate_up, act)
-    return swiglu_packed_ref_backward(dy, gate_up, act)
-
-
-@_swiglu_packed_backward.register_fake
-def _(dy, gate_up, act):
-    return gate_up.new_empty(gate_up.shape)
+    return swiglu_packed_bwd(dy, gate_up, act)
 
 
 def _setup_context_packed(ctx, inputs, output):

@@ -1,0 +1,92 @@
+"""On a GPU: the fused ops inside compiled graphs are launched by Inductor (issue 18), and `mode="reduce-overhead"`
+captures a whole training step with every fused op in CUDA graphs, with no cudagraph skip and no recompile.
+
+CPU machines skip this file: Triton's interpreter cannot run under torch.compile (pytorch #152868). bench/gpu_all.sh
+runs it on the H200."""
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+
+import liger_fx
+from liger_fx.kernels._library import OPAQUE
+from liger_fx.models import mini_model
+from tests.helpers import batch
+from tests.tolerance import assert_close_rule
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+FLAGS = ("rms_norm", "rope", "swiglu", "fused_linear_cross_entropy")
+
+
+def _norm(x, w):
+    xf = x.float()
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+
+
+@pytest.mark.skipif(OPAQUE, reason="LIGER_FX_OPAQUE_OPS=1 registers opaque ops on purpose")
+def test_inductor_launches_the_kernels_itself():
+    """The generated code launches our Triton kernels and never calls the op through the dispatcher."""
+    from torch._inductor.utils import run_and_get_code
+
+    x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(64, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    u = torch.randn(64, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    def fn(x, w, g, u):
+        return _norm(x, w).float().sum() + (F.silu(g) * u).float().sum()
+
+    def step():
+        out = torch.compile(fn, backend="liger")(x, w, g, u)
+        out.backward()
+        return out
+
+    _, codes = run_and_get_code(step)
+    code = "\n".join(codes)
+    assert counters["liger_fx"]["rms_norm"] == 1 and counters["liger_fx"]["swiglu"] == 1
+    for kernel in ("_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel", "_swiglu_fwd_kernel", "_swiglu_bwd_kernel"):
+        assert kernel in code, kernel
+    assert "torch.ops.liger_fx.rms_norm" not in code and "torch.ops.liger_fx.swiglu" not in code
+
+
+@pytest.mark.parametrize("path", ["plain", "apply"])
+def test_reduce_overhead_captures_every_fused_op(path, caplog):
+    """A bf16 Llama training step under CUDA graphs: every fused op rewritten, no `skipping cudagraphs` reason in the
+    cudagraphs log, no skip counted, one compile for three steps, and the loss within the tolerance rule of the fp32
+    model's (tests/tolerance.py; atol one bf16 ulp of the loss: the graph replays compute it from bf16 activations)."""
+    torch.manual_seed(0)
+    model = mini_model("llama", num_hidden_layers=2).to("cuda", torch.bfloat16)
+    ref32 = mini_model("llama", num_hidden_layers=2).to("cuda")
+    ref32.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    eager = mini_model("llama", num_hidden_layers=2).to("cuda", torch.bfloat16)
+    eager.load_state_dict(model.state_dict())
+    ids, labels = batch(model.config.vocab_size, b=2, t=32)
+    ids, labels = ids.cuda(), labels.cuda()
+    if path == "plain":
+        fn = torch.compile(model, backend="liger", options={"mode": "reduce-overhead"})
+    else:
+        fn = liger_fx.apply(model, mode="reduce-overhead")
+    torch._logging.set_logs(cudagraphs=True)
+    try:
+        with caplog.at_level(logging.DEBUG):
+            losses = []
+            for _ in range(3):
+                torch.compiler.cudagraph_mark_step_begin()
+                loss = fn(input_ids=ids, labels=labels).loss
+                loss.backward()
+                losses.append(loss.detach().clone())
+    finally:
+        torch._logging.set_logs()
+    skips = [r.getMessage() for r in caplog.records if "skipping cudagraphs" in r.getMessage()]
+    assert not skips, skips
+    assert counters["inductor"]["cudagraph_skips"] == 0
+    assert all(counters["liger_fx"][f] >= 1 for f in FLAGS), dict(counters["liger_fx"])
+    assert len(liger_fx.get_records()) == 1, [r.summary() for r in liger_fx.get_records()]
+    with torch.no_grad():
+        ref, same = ref32(input_ids=ids, labels=labels).loss, eager(input_ids=ids, labels=labels).loss
+    for loss in losses:  # no optimizer step: the same loss each replay
+        assert_close_rule(loss, ref, same, atol=torch.finfo(torch.bfloat16).eps * ref.abs().item(), name=path)
