@@ -29,7 +29,7 @@ from bench.common import GiB
 # Priority order: run.py runs them in this order, so a short time budget still yields the headline ratios
 # (liger_fx against hf_liger_kernel and inductor); the expected crash goes last.
 VARIANTS = ("hf_eager", "hf_liger_kernel", "liger_fx", "inductor", "hf_hook", "inductor_on_liger_kernel",
-            "hf_hook_save")
+            "hf_hook_save", "inductor_ro", "liger_fx_ro", "hf_hook_ro")
 VARIANT_HELP = {
     "hf_eager": "HF model as is (SDPA attention)",
     "hf_liger_kernel": "liger-kernel's monkeypatch on the instance (liger_kernel.transformers.monkey_patch)",
@@ -38,6 +38,9 @@ VARIANT_HELP = {
     "hf_hook": "liger_fx.apply(model): the HF hook path (no logits in training)",
     "inductor_on_liger_kernel": "liger-kernel monkeypatch, then torch.compile(model) (crashed on the H200 before)",
     "hf_hook_save": "liger_fx.apply(model, recompute=False): fused norm/SwiGLU outputs saved, not recomputed",
+    "inductor_ro": 'torch.compile(model, mode="reduce-overhead"): CUDA graphs',
+    "liger_fx_ro": 'torch.compile(model, backend="liger", options={"mode": "reduce-overhead"})',
+    "hf_hook_ro": 'liger_fx.apply(model, mode="reduce-overhead")',
 }
 LR = 1e-4
 
@@ -70,6 +73,16 @@ SHAPES = {
     # model, which is exactly where fused linear+CE wins; (2) Gemma2 rejects SDPA in transformers 5, so eager
     # attention would dominate its step and blur the comparison; (3) liger-kernel patches qwen2 too, so every
     # variant has a counterpart. Softcap numerics are covered by the FLCE op and pattern tests.
+    # Issue 14's second shape: Qwen2-1.5B (28 layers, vocab 151936, tied embeddings).
+    "qwen2-1.5b": Shape(
+        "qwen2",
+        dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+             num_key_value_heads=2, tie_word_embeddings=True, rms_norm_eps=1e-6,
+             rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
+             max_position_embeddings=8192, hidden_act="silu", use_sliding_window=False),
+        batch=8, seq=2048, smoke=dict(_SMOKE_BODY, vocab_size=640),
+        why="Qwen2-1.5B shape: 28 layers, vocab 151936, tied embeddings",
+    ),
     "qwen2-0.5b": Shape(
         "qwen2",
         dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
@@ -162,6 +175,16 @@ def make_variant(variant: str, model, device):
     if variant == "hf_hook_save":
         _ensure_liger_backend()
         return _hf_hook(model, recompute=False)
+    if variant == "inductor_ro":
+        return torch.compile(model, mode="reduce-overhead")
+    if variant == "liger_fx_ro":
+        _ensure_liger_backend()
+        return torch.compile(model, backend="liger", options={"mode": "reduce-overhead"})
+    if variant == "hf_hook_ro":
+        _ensure_liger_backend()
+        import liger_fx
+
+        return liger_fx.apply(model, mode="reduce-overhead")
     raise ValueError(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS)}")
 
 
@@ -188,12 +211,16 @@ def run_one(shape_name: str, variant: str, *, smoke: bool, device, steps: int, w
     ids = [torch.randint(0, model.config.vocab_size, (B, T), generator=g).to(device) for _ in range(warmup + steps)]
     setup_s = time.perf_counter() - t0
 
+    graphs = variant.endswith("_ro")
+
     def step(x):
+        if graphs:  # CUDA graphs: a new step; the replay's outputs are overwritten by the next one, so copy the loss
+            torch.compiler.cudagraph_mark_step_begin()
         loss = fwd(input_ids=x, labels=x).loss  # HF shifts the labels; the outputs (logits) die here
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss.detach()
+        return loss.detach().clone() if graphs else loss.detach()
 
     def sync():
         if cuda:
@@ -242,8 +269,18 @@ def run_one(shape_name: str, variant: str, *, smoke: bool, device, steps: int, w
         "warmup_s": warmup_s, "setup_s": setup_s,
         "losses": losses, "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
         "replaced": dict(counters["liger_fx"]),
+        "liger_fx_lines": _liger_lines(),
         "graph_breaks": sum(counters["graph_break"].values()),
     }
+
+
+def _liger_lines() -> list[str]:
+    """The INFO line of every graph the liger backend compiled in this process (what was rewritten, causal masks)."""
+    import sys
+
+    if "liger_fx" not in sys.modules:
+        return []
+    return [r.summary() for r in sys.modules["liger_fx"].get_records()]
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -59,8 +59,9 @@ def _transform(b_x, softcap, scale, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _write_grad(X, DX, t, lse, grad_scale, V, softcap, scale, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
-    """dx = (softmax(z) - onehot(t)) * grad_scale * dz/dx over one row."""
+def _write_grad(X, DX, ADD, t, lse, grad_scale, V, softcap, scale, HAS_SOFTCAP: tl.constexpr, HAS_ADD: tl.constexpr,
+                BLOCK_V: tl.constexpr):
+    """dx = (softmax(z) - onehot(t)) * grad_scale * dz/dx [+ add] over one row, rounded once to dx's dtype."""
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         mask = cols < V
@@ -74,14 +75,21 @@ def _write_grad(X, DX, t, lse, grad_scale, V, softcap, scale, HAS_SOFTCAP: tl.co
             b_dz = scale
         b_p = tl.exp(b_z - lse)
         b_g = (tl.where(cols == t, b_p - 1.0, b_p) * grad_scale) * b_dz
+        if HAS_ADD:
+            b_g += tl.load(ADD + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + cols, b_g.to(DX.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _write_zeros(DX, V, BLOCK_V: tl.constexpr):
+def _write_zeros(DX, ADD, V, HAS_ADD: tl.constexpr, BLOCK_V: tl.constexpr):
+    """An ignored row: no loss gradient, so dx is zeros [or a copy of add]."""
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
-        tl.store(DX + cols, tl.zeros((BLOCK_V,), dtype=DX.dtype.element_ty), mask=cols < V)
+        if HAS_ADD:
+            b_g = tl.load(ADD + cols, mask=cols < V, other=0.0)
+        else:
+            b_g = tl.zeros((BLOCK_V,), dtype=tl.float32)
+        tl.store(DX + cols, b_g.to(DX.dtype.element_ty), mask=cols < V)
 
 
 @triton.jit
@@ -114,27 +122,31 @@ def _ce_fwd_kernel(
         tl.store(LOSS + row, tl.where(in_range, lse - z_t, float("nan")))
         tl.store(LSE + row, lse)
         if WRITE_GRAD:
-            _write_grad(X, DX, t, lse, tl.load(GRAD_SCALE), V, softcap, scale, HAS_SOFTCAP, BLOCK_V)
+            _write_grad(X, DX, X, t, lse, tl.load(GRAD_SCALE), V, softcap, scale, HAS_SOFTCAP, False, BLOCK_V)
     else:
         tl.store(LOSS + row, 0.0)
         tl.store(LSE + row, 0.0)
         if WRITE_GRAD:
-            _write_zeros(DX, V, BLOCK_V)
+            _write_zeros(DX, X, V, False, BLOCK_V)
 
 
 @triton.jit
 def _ce_bwd_kernel(
-    X, DX, TARGET, LSE, GRAD_SCALE, stride_x, stride_dx, V, ignore_index, softcap, scale,
-    HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
+    X, DX, ADD, TARGET, LSE, GRAD_SCALE, stride_x, stride_dx, stride_add, V, ignore_index, softcap, scale,
+    HAS_SOFTCAP: tl.constexpr, HAS_ADD: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
+    """Per row: the gradient times GRAD_SCALE[0], plus the row of ADD (a gradient that reaches the logits another
+    way, e.g. the returned logits' own), into DX."""
     row = tl.program_id(0).to(tl.int64)
     X += row * stride_x
     DX += row * stride_dx
+    ADD += row * stride_add
     t = tl.load(TARGET + row).to(tl.int64)
     if t != ignore_index:
-        _write_grad(X, DX, t, tl.load(LSE + row), tl.load(GRAD_SCALE), V, softcap, scale, HAS_SOFTCAP, BLOCK_V)
+        _write_grad(X, DX, ADD, t, tl.load(LSE + row), tl.load(GRAD_SCALE), V, softcap, scale, HAS_SOFTCAP, HAS_ADD,
+                    BLOCK_V)
     else:
-        _write_zeros(DX, V, BLOCK_V)
+        _write_zeros(DX, ADD, V, HAS_ADD, BLOCK_V)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -185,23 +197,35 @@ def cross_entropy_fwd(logits, target, ignore_index: int, reduction: str, softcap
     return _reduce(losses, _count(target, ignore_index), reduction), lse
 
 
+def ce_grad_rows(x, target, lse, grad_scale, dx, ignore_index, softcap, scale, add=None, block_v=None):
+    """Run the backward row kernel on a (rows, V) block: dx = d loss / dx * grad_scale[0] (+ add)."""
+    rows, V = x.shape
+    if rows == 0:
+        return
+    bv = _block_v(V, block_v)
+    has_add = add is not None
+    _ce_bwd_kernel[(rows,)](
+        x, dx, add if has_add else x, target, lse, grad_scale, x.stride(0), dx.stride(0),
+        add.stride(0) if has_add else 0, V, ignore_index, float(softcap), float(scale),
+        HAS_SOFTCAP=softcap != 0.0, HAS_ADD=has_add, BLOCK_V=bv, num_warps=_num_warps(bv),
+    )
+
+
 def cross_entropy_bwd(grad, logits, target, lse, ignore_index: int, reduction: str, softcap: float = 0.0,
                       logit_scale: float = 1.0, block_v: int | None = None):
     """dlogits in the logits' dtype, grad_output folded in."""
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()
     target = target.contiguous()
-    N, V = logits.shape
     dlogits = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    grad_scale = grad.float().reshape(1)
-    if reduction == "mean":
-        grad_scale = grad_scale / _count(target, ignore_index)
-    if N > 0:
-        bv = _block_v(V, block_v)
-        _ce_bwd_kernel[(N,)](
-            logits, dlogits, target, lse, grad_scale, logits.stride(0), dlogits.stride(0), V, ignore_index,
-            float(softcap), float(logit_scale), HAS_SOFTCAP=softcap != 0.0, BLOCK_V=bv, num_warps=_num_warps(bv),
-        )
+    ce_grad_rows(logits, target, lse, grad_scale_of(grad, target, ignore_index, reduction), dlogits, ignore_index,
+                 softcap, logit_scale, block_v=block_v)
     return dlogits
+
+
+def grad_scale_of(grad, target, ignore_index: int, reduction: str) -> torch.Tensor:
+    """grad_output [/ count], a 1-element fp32 tensor on the device (no host sync)."""
+    scale = grad.float().reshape(1)
+    return scale / _count(target, ignore_index) if reduction == "mean" else scale
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -33,7 +33,8 @@ from typing import Optional
 
 import torch
 
-from .cross_entropy import REDUCTIONS, _count, _reduce, ce_rows, cross_entropy_ref, cross_entropy_ref_backward
+from .cross_entropy import (REDUCTIONS, _count, _ref_lse, _reduce, ce_grad_rows, ce_rows, cross_entropy_fwd,
+                            cross_entropy_ref, cross_entropy_ref_backward, grad_scale_of)
 
 # Bytes of the (C, V) logits chunk buffer. C = CHUNK_BYTES / (V * itemsize), rounded down to a multiple of 128 rows
 # (a GEMM tile): 2048 rows at V=128256 bf16. Measured on an H200 (bench/flce_breakdown.py, N=16384 H=4096 V=128256;
@@ -221,18 +222,23 @@ def _linear_cross_entropy(h, weight, bias, target, ignore_index, reduction, soft
     grad_on = torch.is_grad_enabled()
     grad_input = grad_on and h.requires_grad
     grad_weight = grad_on and (weight.requires_grad or (bias is not None and bias.requires_grad))
-    device = h.device.type
-    if torch.is_autocast_enabled(device) and h.is_floating_point():
-        # Mixed precision (e.g. HF Trainer bf16=True: fp32 weights under autocast): autocast runs the lm_head linear
-        # in its lower dtype, and the opaque op gets no autocast kernel, so cast as autocast would. Without this the
-        # three matmuls ran in fp32 (~10x slower on an H200).
-        low = torch.get_autocast_dtype(device)
-        h, weight = h.to(low), weight.to(low)
-        bias = bias.to(low) if bias is not None else None
+    h, weight, bias = _autocast(h, weight, bias)
     return torch.ops.liger_fx.fused_linear_cross_entropy(
         h.reshape(-1, h.shape[-1]), weight, bias, target.reshape(-1), ignore_index, reduction, softcap,
         logit_scale, grad_input, grad_weight,
     )[0]
+
+
+def _autocast(h, weight, bias):
+    """Cast as autocast casts a linear. Mixed precision (e.g. HF Trainer bf16=True: fp32 weights under autocast) runs
+    the lm_head linear in autocast's lower dtype, and the opaque ops get no autocast kernel. Without this the three
+    matmuls ran in fp32 (~10x slower on an H200)."""
+    device = h.device.type
+    if torch.is_autocast_enabled(device) and h.is_floating_point():
+        low = torch.get_autocast_dtype(device)
+        h, weight = h.to(low), weight.to(low)
+        bias = bias.to(low) if bias is not None else None
+    return h, weight, bias
 
 
 if not _DEFINED:
@@ -248,3 +254,184 @@ def fused_linear_cross_entropy(h, weight, target, bias=None, ignore_index: int =
     return torch.ops.liger_fx.linear_cross_entropy(
         h, weight, bias, target, int(ignore_index), reduction, float(softcap), float(logit_scale)
     )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# When the logits are also returned: `liger_fx::linear_cross_entropy_logits(h, weight, bias, target, ...)
+# -> (logits, loss, lse)`
+#
+# `model(input_ids, labels=labels)` returns the logits beside the loss, so the (N, V) logits must exist. Fusing the loss
+# without the linear then costs more than it saves: the op above recomputes the logits chunk by chunk (a second lm_head
+# matmul beside the returned one), and in training AOTAutograd hands the returned logits a zeros gradient, which the
+# linear's own backward runs through two more matmuls: ~26 ms per Llama-3.2-1B step at B8 T2048 on the H200 (issue
+# 14). This op owns both the linear and the loss, so both gradients reach one backward:
+#     forward   logits = h @ W^T (+ b)    one matmul, the logits the caller gets
+#               loss, lse                  one pass over the logits (the CE row kernel, fp32, 4 bytes a row saved)
+#     backward  per chunk of C rows: dlogits_c = dCE/dlogits_c * grad_loss + grad_logits_c    one pass, fp32, rounded
+#               once; dh_c = dlogits_c @ W; dW += dlogits_c^T @ h_c; db += sum(dlogits_c)
+# Three lm_head matmuls in all, as an unfused model. The zeros gradient of the returned logits is read once in that
+# pass and adds no matmul. Memory beyond the logits themselves: their gradient (autograd's zeros, N x V in their
+# dtype) and one (C, V) chunk buffer; computing dlogits in the forward instead would hold a second N x V buffer from
+# the forward into the backward (3.9 GiB at B8 T2048, V 128256, bf16), which the (C, V) chunk avoids.
+
+
+def linear_cross_entropy_logits_fwd(h, weight, bias, target, ignore_index: int = -100, reduction: str = "mean",
+                                    softcap: float = 0.0, logit_scale: float = 1.0):
+    """h (N, H) -> (logits (N, V) in h's dtype, loss fp32 0-d, lse fp32 (N,))."""
+    logits = torch.nn.functional.linear(h, weight, bias)
+    loss, lse = cross_entropy_fwd(logits, target, ignore_index, reduction, softcap, logit_scale)
+    return logits, loss, lse
+
+
+def linear_cross_entropy_logits_bwd(grad_logits, grad_loss, h, weight, bias, target, logits, lse,
+                                    ignore_index: int = -100, reduction: str = "mean", softcap: float = 0.0,
+                                    logit_scale: float = 1.0, need_h: bool = True, need_w: bool = True,
+                                    chunk: int | None = None):
+    """(dh, dw, db) from both incoming gradients; the ones not needed (or no bias) are empty (0,) tensors."""
+    N, H = h.shape
+    V = weight.shape[0]
+    if need_w and h.stride(-1) != 1:
+        h = h.contiguous()
+    target = target.contiguous()
+    if grad_loss is None:  # only the logits reach the loss of the caller: their gradient alone
+        grad_loss = torch.zeros((), dtype=torch.float32, device=h.device)
+    grad_scale = grad_scale_of(grad_loss, target, ignore_index, reduction)
+    want_db = need_w and bias is not None
+    dh = torch.empty((N, H), dtype=h.dtype, device=h.device) if need_h else h.new_empty(0)
+    dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_w else h.new_empty(0)
+    db = torch.zeros(V, dtype=torch.float32, device=h.device) if want_db else None
+    if grad_logits is not None and grad_logits.stride(-1) != 1:
+        grad_logits = grad_logits.contiguous()
+    C = chunk or chunk_rows(N, V, logits.element_size())
+    buf = torch.empty((min(C, N), V), dtype=logits.dtype, device=h.device)
+    for i, start in enumerate(range(0, N, C)):
+        end = min(start + C, N)
+        dlogits, h_c = buf[: end - start], h[start:end]
+        ce_grad_rows(logits[start:end], target[start:end], lse[start:end], grad_scale, dlogits, ignore_index,
+                     softcap, logit_scale, add=grad_logits[start:end] if grad_logits is not None else None)
+        if need_h:
+            torch.mm(dlogits, weight, out=dh[start:end])
+        if need_w:
+            if i == 0:
+                torch.mm(dlogits.t(), h_c, out=dw)
+            else:
+                dw.addmm_(dlogits.t(), h_c)
+            if want_db:
+                db += dlogits.sum(0, dtype=torch.float32)
+    if need_w and N == 0:
+        dw.zero_()
+    return dh, dw, db.to(bias.dtype) if want_db else h.new_empty(0)
+
+
+def linear_cross_entropy_logits_ref_bwd(grad_logits, grad_loss, h, weight, bias, target, logits, lse,
+                                        ignore_index: int = -100, reduction: str = "mean", softcap: float = 0.0,
+                                        logit_scale: float = 1.0, need_h: bool = True, need_w: bool = True):
+    """The backward's math in torch: dlogits in fp32 (both gradients), rounded once to the logits' dtype."""
+    if grad_loss is None:
+        grad_loss = torch.zeros((), dtype=torch.float32, device=h.device)
+    dl = cross_entropy_ref_backward(grad_loss, logits.float(), target, ignore_index, reduction, softcap, logit_scale)
+    if grad_logits is not None:
+        dl = dl + grad_logits.float()
+    dl = dl.to(logits.dtype)
+    dh = dl @ weight if need_h else h.new_empty(0)
+    dw = dl.t() @ h if need_w else h.new_empty(0)
+    db = dl.sum(0) if need_w and bias is not None else h.new_empty(0)
+    return dh, dw, db
+
+
+@torch.library.custom_op("liger_fx::linear_cross_entropy_logits", mutates_args=())
+def _lce_logits(
+    h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], target: torch.Tensor, ignore_index: int,
+    reduction: str, softcap: float, logit_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if h.device.type == "cuda":
+        return linear_cross_entropy_logits_fwd(h, weight, bias, target, ignore_index, reduction, softcap, logit_scale)
+    logits = torch.nn.functional.linear(h, weight, bias)
+    loss = cross_entropy_ref(logits, target, ignore_index, reduction, softcap, logit_scale)
+    return logits, loss, _ref_lse(logits, softcap, logit_scale)
+
+
+@_lce_logits.register_fake
+def _(h, weight, bias, target, ignore_index, reduction, softcap, logit_scale):
+    N, V = h.shape[0], weight.shape[0]
+    return (h.new_empty((N, V), dtype=torch.result_type(h, weight)), h.new_empty((), dtype=torch.float32),
+            h.new_empty((N,), dtype=torch.float32))
+
+
+@torch.library.custom_op("liger_fx::linear_cross_entropy_logits_backward", mutates_args=())
+def _lce_logits_backward(
+    grad_logits: Optional[torch.Tensor], grad_loss: Optional[torch.Tensor], h: torch.Tensor, weight: torch.Tensor,
+    bias: Optional[torch.Tensor], target: torch.Tensor, logits: torch.Tensor, lse: torch.Tensor, ignore_index: int,
+    reduction: str, softcap: float, logit_scale: float, need_h: bool, need_w: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    args = (grad_logits, grad_loss, h, weight, bias, target, logits, lse, ignore_index, reduction, softcap,
+            logit_scale, need_h, need_w)
+    if h.device.type == "cuda":
+        return linear_cross_entropy_logits_bwd(*args)
+    return linear_cross_entropy_logits_ref_bwd(*args)
+
+
+@_lce_logits_backward.register_fake
+def _(grad_logits, grad_loss, h, weight, bias, target, logits, lse, ignore_index, reduction, softcap, logit_scale,
+      need_h, need_w):
+    return (
+        torch.empty_like(h, memory_format=torch.contiguous_format) if need_h else h.new_empty(0),
+        torch.empty_like(weight, memory_format=torch.contiguous_format) if need_w else h.new_empty(0),
+        torch.empty_like(bias) if need_w and bias is not None else h.new_empty(0),
+    )
+
+
+def _lce_setup_context(ctx, inputs, output):
+    h, weight, bias, target, *args = inputs
+    logits, _, lse = output
+    # h only feeds dW (and db needs nothing of it): a frozen lm_head (PEFT) keeps no (N, H) activation alive for it.
+    learns = weight.requires_grad or (bias is not None and bias.requires_grad)
+    ctx.save_for_backward(h if learns else None, weight, bias, target, logits, lse)
+    ctx.h_meta = (h.shape, h.dtype)
+    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # an unused loss or logits gradient stays None: nothing of N x V is made up
+    ctx.args = tuple(args)
+
+
+def _lce_backward(ctx, grad_logits, grad_loss, _grad_lse):
+    h, weight, bias, target, logits, lse = ctx.saved_tensors
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    if grad_logits is None and grad_loss is None or not (need_h or need_w or need_b):
+        return (None,) * 8
+    if h is None:  # frozen lm_head: the backward needs only h's shape (for dh) and never reads it
+        shape, dtype = ctx.h_meta
+        h = torch.empty_strided(shape, (0,) * len(shape), dtype=dtype, device=weight.device)
+    dh, dw, db = torch.ops.liger_fx.linear_cross_entropy_logits_backward(
+        grad_logits, grad_loss, h, weight, bias, target, logits, lse, *ctx.args, need_h, need_w or need_b)
+    return dh if need_h else None, dw if need_w else None, db if need_b else None, *(None,) * 5
+
+
+_lce_logits.register_autograd(_lce_backward, setup_context=_lce_setup_context)
+
+# `liger_fx::lm_head_cross_entropy`: what the rewrite inserts where the logits are also used (returned). Composite,
+# like `linear_cross_entropy`, for autocast; it also flattens h (..., H) and restores the logits' (..., V) shape.
+if not hasattr(torch.ops.liger_fx, "lm_head_cross_entropy"):
+    _lib.define(
+        "lm_head_cross_entropy(Tensor h, Tensor weight, Tensor? bias, Tensor target, int ignore_index, str reduction, "
+        "float softcap, float logit_scale) -> (Tensor, Tensor)"
+    )
+
+    def _lm_head_cross_entropy(h, weight, bias, target, ignore_index, reduction, softcap, logit_scale):
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"liger_fx.lm_head_cross_entropy: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        lead = h.shape[:-1]
+        h, weight, bias = _autocast(h, weight, bias)
+        logits, loss, _ = torch.ops.liger_fx.linear_cross_entropy_logits(
+            h.reshape(-1, h.shape[-1]), weight, bias, target.reshape(-1), ignore_index, reduction, softcap,
+            logit_scale)
+        return logits.view(*lead, logits.shape[-1]), loss
+
+    _lib.impl("lm_head_cross_entropy", _lm_head_cross_entropy, "CompositeImplicitAutograd")
+
+
+def lm_head_cross_entropy(h, weight, target, bias=None, ignore_index: int = -100, reduction: str = "mean",
+                          softcap: float = 0.0, logit_scale: float = 1.0):
+    """(linear(h, weight, bias), cross_entropy(transform(logits.float()), target)) with three lm_head matmuls in all
+    and the loss's gradient fused with the logits' own. h (..., H); target of h's leading size."""
+    return torch.ops.liger_fx.lm_head_cross_entropy(
+        h, weight, bias, target, int(ignore_index), reduction, float(softcap), float(logit_scale))

@@ -230,6 +230,40 @@ def normalize_arithmetic(graph: fx.Graph) -> None:
             graph.erase_node(sqrt)
 
 
+_TRANSPOSES = {aten.t.default, aten.numpy_T.default, aten.transpose.int, aten.permute.default}
+
+
+def _transposed_2d(node):
+    """W if node is W.t() (or .T, transpose, permute) of a 2-D W, else None."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target in _TRANSPOSES):
+        return None
+    w = node.args[0]
+    if not isinstance(_val(w), torch.Tensor) or _val(w).dim() != 2:
+        return None
+    if node.target is aten.transpose.int and sorted(d % 2 for d in node.args[1:3]) != [0, 1]:
+        return None
+    if node.target is aten.permute.default and [d % 2 for d in node.args[1]] != [1, 0]:
+        return None
+    return w
+
+
+def normalize_linear(graph: fx.Graph) -> None:
+    """`h @ W.t()` (matmul or mm with a transposed 2-D weight) becomes `linear(h, W)`: the same product, and the
+    spelling of torchtitan's and nanoGPT-style lm_heads (`F.cross_entropy((h @ W.t()).float(), labels)`), which the
+    loss family would otherwise not see as an lm_head."""
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in (aten.matmul.default, aten.mm.default):
+            continue
+        h, wt = node.args[:2]
+        w = _transposed_2d(wt)
+        hv = _val(h)
+        if w is None or not isinstance(hv, torch.Tensor) or hv.dim() < 1 or hv.dtype != _val(w).dtype:
+            continue
+        if getattr(hv, "fake_mode", None) is not getattr(_val(w), "fake_mode", None):
+            continue  # a constant lifted with a fake mode of its own (a pattern's closure): leave it
+        _replace(graph, node, aten.linear.default, (h, w))
+
+
 def _is(node, target) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_function" and node.target is target
 
@@ -279,6 +313,7 @@ def normalize_dims(graph: fx.Graph) -> None:
 def canonicalize(graph: fx.Graph) -> None:
     normalize_casts(graph)
     normalize_arithmetic(graph)
+    normalize_linear(graph)
     normalize_dims(graph)
     graph.eliminate_dead_code()
 

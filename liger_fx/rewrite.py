@@ -112,6 +112,9 @@ class GraphRecord:
         if not counts:
             return f"liger_fx: graph {self.index}: no applicable patterns{causal}"
         parts = [f"{flag} {r}/{c}" for flag, (r, c) in counts.items()]
+        returned = sum(r.pattern.endswith("/logits-returned") for r in self.replaced)
+        if returned:  # the logits are also used: lm_head kept as one matmul beside the fused loss (patterns/...)
+            parts.append(f"{returned} lm_head+CE on returned logits")
         text = f"liger_fx: graph {self.index}: replaced " + ", ".join(parts) + causal
         if self.misses:
             text += f"; {len(self.misses)} near miss(es), first: {self.misses[0].where}: {self.misses[0].reason}"

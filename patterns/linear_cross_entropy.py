@@ -1,4 +1,5 @@
-"""The causal-LM loss: lm_head + cross-entropy, as transformers 5 computes it (`ForCausalLMLoss`).
+"""lm_head + cross-entropy: a linear feeding `cross_entropy`, as transformers 5 computes the causal-LM loss
+(`ForCausalLMLoss`), the masked-LM loss (BERT/RoBERTa) or a training loop on labels its loader already shifted.
 
     logits = linear(h, W[, b])                    h may be a slice for logits_to_keep (it stays outside)
     [softcap: tanh(logits / c) * c]               Gemma2 final_logit_softcapping (in the model's dtype)
@@ -6,21 +7,22 @@
     [.float()]                                    anywhere in between
     loss = cross_entropy(logits.view(-1, V), labels, ignore_index, reduction)    ["sum" then / num_items_in_batch]
 
-flag `fused_linear_cross_entropy`: replaced by `liger_fx::linear_cross_entropy(h, W, b, labels, ...)`, which never
-materializes the logits for the loss. The label pad + shift and the division by num_items_in_batch (int or tensor)
-stay in the graph untouched.
+flag `fused_linear_cross_entropy`:
+- where the loss is the logits' only use (the HF hook's training step, a loop that keeps only the loss): replaced by
+  `liger_fx::linear_cross_entropy(h, W, b, labels, ...)`, which never materializes the logits;
+- where the logits are also used (`model(ids, labels=labels)` returns them): the linear and the loss become one
+  `liger_fx::lm_head_cross_entropy`, which computes the logits once and fuses the loss's gradient with the logits'
+  own, so the step runs three lm_head matmuls as an unfused model does (recorded with the suffix `/logits-returned`;
+  the INFO line says `lm_head+CE on returned logits`). Fusing the loss alone there cost ~26 ms of extra matmuls per
+  Llama-3.2-1B step on the H200 (issue 14).
+The label pad + shift and the division by num_items_in_batch (int or tensor) stay in the graph untouched.
 flag `cross_entropy`: where no linear feeds the loss (or the flag above is off), the loss on the materialized logits
-becomes `liger_fx::cross_entropy` (fp32 math without an fp32 copy of the logits, gradient in one pass).
+becomes `liger_fx::cross_entropy` (fp32 math without an fp32 copy of the logits).
 
-Scope: the causal-LM loss only. A loss is a candidate (for either flag) only if its target is a next-token shift of
-the labels: it traces back, through views, contiguous/clone and casts, to `aten.slice(.., -1, 1)` on the last dim (of
-`pad(labels, (0, 1), value=ignore_index)`, HF's ForCausalLMLoss; or of the labels themselves, the pre-4.46 spelling),
-or to a graph input that Dynamo names `shift_labels` (ForCausalLMLoss's `shift_labels=` argument, passed e.g. by
-context-parallel training; Dynamo's source `L['kwargs']['shift_labels']`). Why: the product targets causal LMs, and an
-encoder's masked-LM loss (BERT/RoBERTa: decoder linear + bias -> cross-entropy on the unshifted labels) is not what
-it promises to fuse: those models must read "no applicable patterns", not a fused or near-missed loss. Any other
-cross-entropy (a classifier head, a masked-LM loss) is simply not a candidate; a user loss on already shifted labels
-qualifies by naming its input `shift_labels`.
+Scope: every cross-entropy on class-index targets, whatever produced the targets (HF's shift, a loader that shifted
+them already, masked-LM labels). An earlier version fused only causal-LM losses so that BERT/RoBERTa would read "no
+applicable patterns"; a masked-LM head's linear + cross-entropy is the same computation at the same size (V = 30522
+or 50265 classes) and now fuses too (issue 16).
 
 Why a walk and not `Pattern`s: the chain between the lm_head and the loss is any order of casts, scalar mul/div,
 views and at most one tanh (2 x 3 x 2 x 3 = 36 search variants with Inductor's matcher), and a plain
@@ -28,12 +30,6 @@ views and at most one tanh (2 x 3 x 2 x 3 = 36 search variants with Inductor's m
 the loss, which the matcher must refuse. Here the chain is folded into the op's (softcap, logit_scale): scalars
 before the tanh fold into the cap (c * tanh(a*x / c) = a * (c/a) * tanh(x / (c/a))), scalars after it into the scale.
 Intermediates with other users simply stay in the graph for them.
-
-When the logits are also a graph output, the loss is still fused and the linear stays for that output only. In
-training, AOTAutograd then gives the logits output a tangent (zeros, since nothing backpropagates through it; torch
-materializes them: B*T*V in the logits' dtype) and the linear's backward runs on it: 2 more matmuls (4*N*H*V FLOP)
-in the backward. What stays in memory: the logits output (which the caller holds anyway) and, in the backward, its
-zeros tangent. Not returning logits during training (the HF Trainer hook) removes all of it.
 """
 
 from __future__ import annotations
@@ -45,6 +41,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
+from torch._inductor.pattern_matcher import stable_topological_sort
 
 from liger_fx.canonicalize import val as _val
 from liger_fx.rewrite import Pattern, record_replacement
@@ -173,26 +170,6 @@ def _walk(x: fx.Node, V, out: _Loss) -> str | None:
     return reason
 
 
-_CASTS = {aten.to.dtype, aten._to_copy.default}
-
-
-def _is_shift(target: fx.Node) -> bool:
-    """Whether the loss target is a next-token shift of the labels (see the module docstring)."""
-    node = target
-    while _is(node, *_VIEWS, *_CASTS):
-        node = node.args[0]
-    if _is(node, aten.slice.Tensor):
-        dim, start = (list(node.args[1:3]) + [0, None])[:2]
-        return dim == -1 and start == 1
-    return (isinstance(node, fx.Node) and node.op == "placeholder"
-            and "shift_labels" in str(node.meta.get("source_name", node.name)))
-
-
-def _is_causal_lm_loss(ce: fx.Node) -> bool:
-    target = _ce_args(ce)["target"]
-    return isinstance(target, fx.Node) and _is_shift(target)
-
-
 def _analyze(ce: fx.Node) -> _Loss:
     out = _Loss()
     args = _ce_args(ce)
@@ -261,9 +238,25 @@ def _insert(graph: fx.Graph, ce: fx.Node, target, args) -> fx.Node:
 
 
 def _replace(graph: fx.Graph, ce: fx.Node, loss: _Loss, fused_linear: bool) -> str:
+    """Replace the loss; returns the pattern name for the record. Three forms:
+    - the loss is the logits' only use: `linear_cross_entropy`, no logits at all;
+    - the logits are used besides (returned): `lm_head_cross_entropy`, the logits computed once and both gradients
+      taken in one backward (kernels/fused_linear_cross_entropy.py: three lm_head matmuls, not six). With a row
+      slice between the logits and the loss (the pre-4.46 `logits[:, :-1]` shift) the loss covers fewer rows than
+      the logits: the linear then stays and `cross_entropy` takes the loss on its output, also three matmuls;
+    - no usable linear (flag `cross_entropy`): `cross_entropy` on the materialized logits."""
     src = loss.source
     common = (loss.target, loss.ignore_index, loss.reduction, float(loss.softcap), float(loss.scale))
-    if fused_linear:
+    returned = fused_linear and loss.shared
+    bias = fused_linear and len(src.args) > 2 and src.args[2] is not None
+    if returned and not loss.row_slices:
+        h, w = src.args[0], src.args[1]
+        b = src.args[2] if len(src.args) > 2 else None
+        pair = _insert(graph, ce, torch.ops.liger_fx.lm_head_cross_entropy.default, (h, w, b, *common))
+        logits = _insert(graph, ce, operator.getitem, (pair, 0))
+        new = _insert(graph, ce, operator.getitem, (pair, 1))
+        src.replace_all_uses_with(logits)  # the loss chain dies with ce below; what the caller gets now reads these
+    elif fused_linear and not returned:
         h, w = src.args[0], src.args[1]
         b = src.args[2] if len(src.args) > 2 else None
         for sl in reversed(loss.row_slices):  # in forward order
@@ -280,16 +273,23 @@ def _replace(graph: fx.Graph, ce: fx.Node, loss: _Loss, fused_linear: bool) -> s
         new = _insert(graph, ce, aten.to.dtype, (new, _val(ce).dtype))
     ce.replace_all_uses_with(new)
     graph.erase_node(ce)
+    if returned and not loss.row_slices:
+        graph.erase_node(src)
+        # Users of the logits that stood before the loss now read a node defined at the loss: move them after it.
+        stable_topological_sort(graph)
     name = FLCE if fused_linear else CE
     name += f"/{loss.reduction}" + ("/softcap" if loss.softcap else "") + ("/scale" if loss.scale != 1.0 else "")
-    if fused_linear and len(src.args) > 2 and src.args[2] is not None:
-        name += "/bias"
-    return name + ("/logits-kept" if loss.shared else "")
+    return name + ("/bias" if bias else "") + (RETURNED if returned else "")
+
+
+RETURNED = "/logits-returned"
+"""Suffix of a replacement where the logits are also used: lm_head kept as one matmul, CE fused with its gradient
+(`GraphRecord.summary` says `lm_head+CE on returned logits`)."""
 
 
 def rewrite(graph: fx.Graph, config) -> None:
     regions = None
-    for ce in [n for n in graph.nodes if _is(n, aten.cross_entropy_loss.default) and _is_causal_lm_loss(n)]:
+    for ce in [n for n in graph.nodes if _is(n, aten.cross_entropy_loss.default)]:
         loss = _analyze(ce)
         if loss.reason is not None:
             continue
@@ -313,7 +313,7 @@ def rewrite(graph: fx.Graph, config) -> None:
 def candidates(graph: fx.Graph) -> list[tuple[str, fx.Node]]:
     out = []
     for ce in graph.nodes:
-        if _is(ce, aten.cross_entropy_loss.default) and _is_causal_lm_loss(ce):
+        if _is(ce, aten.cross_entropy_loss.default):
             loss = _analyze(ce)
             out.append((FLCE if loss.source is not None and _is(loss.source, aten.linear.default) else CE, ce))
     return out

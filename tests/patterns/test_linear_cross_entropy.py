@@ -24,13 +24,13 @@ def _misses():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# HF models: ForCausalLMLoss, logits also returned (so the lm_head linear stays for that output)
+# HF models: ForCausalLMLoss, logits also returned (lm_head + loss become one op that returns the logits)
 
 MODELS = {  # id -> (model_type, config overrides, what the fused op must have captured)
-    "llama": ("llama", {}, "/mean/logits-kept"),
-    "llama-tied": ("llama", {"tie_word_embeddings": True}, "/mean/logits-kept"),
-    "gemma2-softcap": ("gemma2", {}, "/mean/softcap/logits-kept"),
-    "qwen2": ("qwen2", {}, "/mean/logits-kept"),
+    "llama": ("llama", {}, "/mean/logits-returned"),
+    "llama-tied": ("llama", {"tie_word_embeddings": True}, "/mean/logits-returned"),
+    "gemma2-softcap": ("gemma2", {}, "/mean/softcap/logits-returned"),
+    "qwen2": ("qwen2", {}, "/mean/logits-returned"),
 }
 
 
@@ -115,14 +115,17 @@ def test_liger_802_gradient_accumulation_with_num_items_equals_one_big_batch():
 
 @pytest.fixture
 def flag_args(monkeypatch):
-    """The (grad_input, grad_weight) the fused op gets in each graph AOTAutograd hands to Inductor."""
+    """Per graph AOTAutograd hands to Inductor: the (grad_input, grad_weight) of each fused linear+CE op, and the
+    (need_h, need_w) of each returned-logits backward."""
     seen = []
     real = liger_fx.backend.compile_fx
+    ops = {torch.ops.liger_fx.fused_linear_cross_entropy.default: slice(8, 10),
+           torch.ops.liger_fx.linear_cross_entropy_logits_backward.default: slice(12, 14)}
 
     def inner(gm, example_inputs, **kwargs):
         for n in gm.graph.nodes:
-            if n.target is torch.ops.liger_fx.fused_linear_cross_entropy.default:
-                seen.append(tuple(n.args[8:10]))
+            if n.target in ops:
+                seen.append((n.target.__name__.split(".")[0], *n.args[ops[n.target]]))
         from torch._inductor.compile_fx import compile_fx_inner
         return compile_fx_inner(gm, example_inputs, **kwargs)
 
@@ -134,27 +137,90 @@ def flag_args(monkeypatch):
         yield seen
 
 
+def _loss_only(model):
+    """What the HF hook compiles in a training step: the loss is the logits' only use."""
+    return lambda ids, labels: model(input_ids=ids, labels=labels).loss
+
+
 def test_gradients_are_computed_only_where_needed(flag_args):
-    """Training: dh and dW. A frozen lm_head (PEFT): dh only. no_grad: neither (only the logits matmul runs)."""
+    """Loss only: training computes dh and dW in the forward; a frozen lm_head (PEFT) dh only; no_grad neither (only
+    the logits matmul runs)."""
     seen = flag_args
     model = mini_model("llama", num_hidden_layers=1)
     ids, labels = batch(model.config.vocab_size, ignore=3)
-    compare_training(model, ids, labels)
-    assert seen == [(True, True)]
-
-    seen.clear()
-    torch._dynamo.reset()
-    model.lm_head.weight.requires_grad_(False)
-    compare_training(model, ids, labels)
-    assert seen == [(True, False)]
+    for frozen, expected in ((False, (True, True)), (True, (True, False))):
+        torch._dynamo.reset()
+        seen.clear()
+        model.lm_head.weight.requires_grad_(not frozen)
+        model.zero_grad(set_to_none=True)
+        ref = _loss_only(model)(ids, labels)
+        ref.backward()
+        ref_grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        out = torch.compile(_loss_only(model), backend="liger")(ids, labels)
+        out.backward()
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+        for k, p in model.named_parameters():
+            if p.grad is not None or k in ref_grads:
+                torch.testing.assert_close(p.grad, ref_grads[k], atol=1e-5, rtol=1e-4, msg=lambda m: f"{k}: {m}")
+        assert seen == [("fused_linear_cross_entropy", *expected)], seen
+    model.lm_head.weight.requires_grad_(True)
 
     seen.clear()
     torch._dynamo.reset()
     with torch.no_grad():
         ref = model(input_ids=ids, labels=labels).loss
-        out = torch.compile(model, backend="liger")(input_ids=ids, labels=labels).loss
+        out = torch.compile(_loss_only(model), backend="liger")(ids, labels)
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
-    assert seen == [(False, False)]
+    assert seen == [("fused_linear_cross_entropy", False, False)]
+
+
+def test_returned_logits_take_one_backward_with_only_the_needed_gradients(flag_args):
+    """Logits returned: the backward of lm_head + loss is one op, which computes dW only where the lm_head learns.
+    Its forward has one lm_head matmul (the logits) and no fused linear+CE op beside it."""
+    seen = flag_args
+    model = mini_model("llama", num_hidden_layers=1)
+    ids, labels = batch(model.config.vocab_size, ignore=3)
+    compare_training(model, ids, labels)
+    assert seen == [("linear_cross_entropy_logits_backward", True, True)], seen
+    seen.clear()
+    torch._dynamo.reset()
+    model.lm_head.weight.requires_grad_(False)
+    compare_training(model, ids, labels)
+    assert seen == [("linear_cross_entropy_logits_backward", True, False)], seen
+
+
+def test_returned_logits_gradient_reaches_the_model():
+    """A loss on the returned logits as well (distillation, a z-loss): both gradients flow through the one op,
+    equal to eager."""
+    model = mini_model("llama", num_hidden_layers=1)
+    ids, labels = batch(model.config.vocab_size, ignore=3)
+
+    def step(fn):
+        model.zero_grad(set_to_none=True)
+        out = fn(input_ids=ids, labels=labels)
+        total = out.loss + 1e-2 * out.logits.float().logsumexp(-1).pow(2).mean()
+        total.backward()
+        return total.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    ref, ref_grads = step(model)
+    out, grads = step(torch.compile(model, backend="liger"))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    for k in ref_grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], atol=1e-5, rtol=1e-4, msg=lambda m: f"{k}: {m}")
+    assert _patterns() == [FLCE + "/mean/logits-returned"]
+
+
+def test_eval_loss_with_logits():
+    """model.eval() with labels (an evaluation loop): loss and logits equal eager, no backward."""
+    model = mini_model("llama", num_hidden_layers=1).eval()
+    ids, labels = batch(model.config.vocab_size, ignore=3)
+    with torch.no_grad():
+        ref = model(input_ids=ids, labels=labels)
+        out = torch.compile(model, backend="liger")(input_ids=ids, labels=labels)
+    torch.testing.assert_close(out.loss, ref.loss, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out.logits, ref.logits, atol=1e-6, rtol=1e-5)
+    assert _patterns() == [FLCE + "/mean/logits-returned"]
 
 
 def test_bf16_model_loss_within_torch_error():
@@ -184,7 +250,7 @@ class Head(nn.Module):
         self.chain, self.shift = chain, shift
 
     def forward(self, h, shift_labels):
-        # `shift_labels` (already shifted, as ForCausalLMLoss's argument): only a causal-LM loss is a candidate.
+        # `shift_labels`: already shifted, as ForCausalLMLoss's argument or a data loader gives them.
         logits = self.chain(self.proj(h))
         if self.shift:  # the pre-transformers-4.46 shift: slice the logits, not the labels
             logits, shift_labels = logits[:, :-1, :].contiguous(), shift_labels[:, 1:].contiguous()
@@ -217,7 +283,7 @@ def test_chain_spellings_fold_into_the_op(name):
     torch.testing.assert_close(logits, ref_logits, atol=1e-6, rtol=1e-5)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-5)
-    assert _patterns() == [FLCE + suffix + "/logits-kept"]
+    assert _patterns() == [FLCE + suffix + "/logits-returned"]
 
 
 def test_dynamic_sequence_length_compiles_at_most_twice():
@@ -300,43 +366,48 @@ def test_unsupported_cross_entropy_is_a_near_miss_with_reason(kwargs, reason):
     assert miss.flag == FLCE and reason in miss.reason, miss.reason
 
 
-def test_a_loss_on_unshifted_labels_is_not_a_candidate():
-    """Scope (module docstring): a linear + cross-entropy on labels that are no next-token shift (a masked-LM or
-    classifier head) is neither replaced nor a near miss, for either flag; the same loss on `shift_labels` is fused."""
+def test_a_loss_on_any_labels_is_fused():
+    """Issue 16: every linear feeding a cross-entropy is a site, whatever produced the targets: labels the loader
+    already aligned (torchtitan, nanoGPT: no shift in the graph), a masked-LM head's labels. The lm_head written as
+    `h @ W.t()` is a linear too."""
     torch.manual_seed(0)
     head = nn.Linear(32, 50)
-    h = torch.randn(10, 32)
+    h = torch.randn(10, 32, requires_grad=True)
     labels = torch.randint(0, 50, (10,))
+    labels[:3] = -100
 
     def mlm(h):
         return F.cross_entropy(head(h), labels)
 
-    opts = {"cross_entropy": True}
-    torch.testing.assert_close(torch.compile(mlm, backend="liger", options=opts)(h), mlm(h), atol=1e-6, rtol=1e-5)
-    (rec,) = liger_fx.get_records()
-    assert not rec.replaced and not rec.misses and "no applicable patterns" in rec.summary()
+    def aligned(h):  # torchtitan's spelling
+        return F.cross_entropy((h @ head.weight.t()).float(), labels)
 
-    torch._dynamo.reset()
-    shift_labels = labels
-
-    def causal(h):
-        return F.cross_entropy(head(h), shift_labels)
-
-    torch.compile(causal, backend="liger")(h)
-    assert replaced(FLCE) == 1
+    for fn in (mlm, aligned):
+        torch._dynamo.reset()
+        liger_fx.clear_records()
+        ref = fn(h)
+        ref_grads = torch.autograd.grad(ref, (h, head.weight))
+        out = torch.compile(fn, backend="liger")(h)
+        grads = torch.autograd.grad(out, (h, head.weight))
+        torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-5)
+        (rec,) = liger_fx.get_records()
+        assert [r.pattern for r in rec.replaced] == [FLCE + "/mean" + ("/bias" if fn is mlm else "")], rec.replaced
+    assert replaced(FLCE) == 2
 
 
 def test_cross_entropy_flag_fuses_a_loss_without_a_linear():
-    """The logits come from a matmul with a transposed embedding (no linear): `fused_linear_cross_entropy` cannot
+    """The logits come from a batched matmul with an (H, V) table (no linear): `fused_linear_cross_entropy` cannot
     take it, `cross_entropy` (off by default) does."""
     torch.manual_seed(0)
-    emb = nn.Parameter(torch.randn(60, 32) * 0.3)
+    emb = nn.Parameter(torch.randn(2, 32, 60) * 0.3)
     h = torch.randn(2, 6, 32, requires_grad=True)
     shift_labels = torch.randint(0, 60, (2, 6))
     shift_labels[0, :3] = -100
 
     def fn(h):
-        logits = torch.tanh((h @ emb.t()) / 4.0) * 4.0
+        logits = torch.tanh(torch.bmm(h, emb) / 4.0) * 4.0
         return F.cross_entropy(logits.float().view(-1, 60), shift_labels.view(-1), reduction="sum") / 7
 
     ref = fn(h)
@@ -385,3 +456,12 @@ def test_constant_divided_by_logits_is_a_miss_not_a_fallback():
     m, h, t = M(), torch.randn(2, 6, 16), torch.randint(0, 40, (2, 6))
     torch.testing.assert_close(torch.compile(m, backend="liger")(h, t), m(h, t), atol=1e-6, rtol=1e-6)
     assert all(rec.fallback is None for rec in liger_fx.get_records())
+
+
+def test_cross_entropy_flag_alone_on_a_model_with_returned_logits():
+    """cross_entropy=True, fused_linear_cross_entropy=False: the lm_head stays a linear (one matmul forward, two
+    backward) and the loss on its logits is the fused cross-entropy."""
+    model = mini_model("llama", num_hidden_layers=1)
+    ids, labels = batch(model.config.vocab_size, ignore=3)
+    compare_training(model, ids, labels, options={FLCE: False, "cross_entropy": True})
+    assert replaced(FLCE) == 0 and _patterns("cross_entropy") == ["cross_entropy/mean"]
