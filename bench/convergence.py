@@ -225,7 +225,7 @@ def run_family(family: str, setup: Setup, device, variants=VARIANTS, phase=lambd
     torch.manual_seed(setup.seed_weights)
     with torch.device(device):
         pristine = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    res = {"family": family, "why": "" if setup.smoke else FAMILIES[family][1], "dtype": str(dtype),
+    res = {"family": family, "structure": "mini config" if setup.smoke else FAMILIES[family][1], "dtype": str(dtype),
            "params": sum(p.numel() for p in pristine.parameters()),
            "config": {k: v for k, v in config.to_dict().items() if k in _CONFIG_KEYS},
            "variants": {}}

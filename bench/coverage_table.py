@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.coverage_table", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--from-json", metavar="JSON", help="render this report JSON instead of running the report")
-    p.add_argument("--json-out", default=JSON, help="where a fresh report's JSON is saved (default bench/coverage.json)")
+    p.add_argument("--json-out", default=JSON, help="where a fresh report's JSON goes (default bench/coverage.json)")
     p.add_argument("--readme", default=README, help="the file whose coverage block is rewritten (default README.md)")
     args = p.parse_args(argv)
     if args.from_json:

@@ -42,9 +42,11 @@ def test_render_cells_misses_and_totals():
                       "fused_linear_cross_entropy": _pat(0, 0)}},
     ], "generated": {"command": ["report", "--all"], "mode": "train", "torch": "2.13.0", "transformers": "5.24.0"}}
     lines = ct.render(doc).splitlines()
-    assert lines[0] == "| model | `rms_norm` | `rope` | `swiglu` | `fused_linear_cross_entropy` | graph breaks | near misses |"
-    assert lines[2] == ("| llama | 3/5 | 4/4 | - | 0/1 | 1 | rms_norm: 2x eps is a graph input (model.layers.0.input_layernorm, "
-                        "model.layers.1.input_layernorm)<br>fused_linear_cross_entropy: lm_head: flag off \\| see --flags |")
+    assert lines[0] == ("| model | `rms_norm` | `rope` | `swiglu` | `fused_linear_cross_entropy` | graph breaks | "
+                        "near misses |")
+    assert lines[2] == ("| llama | 3/5 | 4/4 | - | 0/1 | 1 | rms_norm: 2x eps is a graph input "
+                        "(model.layers.0.input_layernorm, model.layers.1.input_layernorm)<br>"
+                        "fused_linear_cross_entropy: lm_head: flag off \\| see --flags |")
     assert lines[3] == "| ./ckpt (bert) | - | - | - | - | 0 | no applicable patterns |"
     assert lines[4] == "| all (2) | 3/5 | 4/4 | 0/0 | 0/1 | 1 | 3 near miss(es) |"
     assert lines[6].startswith("Replaced/candidates per pattern, `-` where a model has none: 7/10 (70.0%).")
