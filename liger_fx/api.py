@@ -39,6 +39,7 @@ from typing import Any, Callable
 
 import torch
 
+from . import distributed
 from .config import LigerConfig
 from .models import is_encoder
 
@@ -142,14 +143,16 @@ def _make_forward(target: torch.nn.Module) -> Callable:
             emb = self.get_input_embeddings() if hasattr(self, "get_input_embeddings") else None
             if emb is not None and (emb._forward_hooks or emb._forward_pre_hooks):
                 kwargs["inputs_embeds"] = emb(kwargs.pop("input_ids"))
-        if skip and len(args) <= 1:  # a training step: let SDPA take its causal fast path when it may
-            mask = kwargs.get("attention_mask")
-            if isinstance(mask, torch.Tensor) and mask.dim() == 2 and bool(mask.all()):
-                kwargs["attention_mask"] = None  # no padding: the same as no mask (one host sync a step)
-            if kwargs.get("attention_mask") is None and kwargs.get("position_ids") is None:
-                with _plain_causal_attention():
-                    return self._liger_fx.compiled(self, skip, *args, **kwargs)
-        return self._liger_fx.compiled(self, skip, *args, **kwargs)
+        with contextlib.ExitStack() as scope:
+            if distributed.in_ddp_forward():  # DDP's buckets are cut after our rewrite, not through a fused site
+                scope.enter_context(distributed.split_after_rewrite())
+            if skip and len(args) <= 1:  # a training step: let SDPA take its causal fast path when it may
+                mask = kwargs.get("attention_mask")
+                if isinstance(mask, torch.Tensor) and mask.dim() == 2 and bool(mask.all()):
+                    kwargs["attention_mask"] = None  # no padding: the same as no mask (one host sync a step)
+                if kwargs.get("attention_mask") is None and kwargs.get("position_ids") is None:
+                    scope.enter_context(_plain_causal_attention())
+            return self._liger_fx.compiled(self, skip, *args, **kwargs)
 
     forward.__name__ = "forward"
     return forward

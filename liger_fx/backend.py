@@ -107,4 +107,9 @@ def liger_backend(gm: fx.GraphModule, example_inputs, options: dict | None = Non
     if record.causal_sdpa:
         counters["liger_fx"]["causal_sdpa"] += len(record.causal_sdpa)
     log.info(record.summary())
+    ddp_module = distributed.owned_ddp_module()
+    if ddp_module is not None:  # DDP handed us the whole graph (distributed.split_after_rewrite): cut it now
+        return distributed.compile_in_buckets(
+            compiled_gm, gm, example_inputs, ddp_module,
+            lambda g, inputs: compile_fx(g, inputs, config_patches=patches or None), record)
     return compile_fx(compiled_gm, example_inputs, config_patches=patches or None)

@@ -24,8 +24,12 @@ check it (tests/test_distributed.py).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
+from typing import Callable
 
+import torch
 import torch.fx as fx
 
 from .canonicalize import where
@@ -63,3 +67,94 @@ def note_bucket_cuts(gm: fx.GraphModule, traced: fx.GraphModule, record: GraphRe
         log.warning("liger_fx: graph %d: %d pattern(s) at a DDP bucket boundary not fused; %s",
                     record.index, noted, CUT_REASON)
     return noted
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Rewrite first, then split: the whole graph reaches the backend, and DDP's buckets are cut after the rewrite.
+
+_OWN_SPLIT = contextvars.ContextVar("liger_fx_own_ddp_split", default=False)
+
+
+@contextlib.contextmanager
+def split_after_rewrite():
+    """While active, a graph Dynamo compiles inside DDP's forward reaches the liger backend whole; the backend
+    rewrites it, then cuts it at DDP's gradient buckets with torch's own DDPOptimizer. A fused op is one node, so no
+    boundary can fall inside it, and each bucket is still its own compiled autograd function whose gradients are
+    ready (and all-reduced) while the earlier buckets' backward runs: the overlap DDPOptimizer exists for is kept.
+
+    Why a context and not something the backend does by itself: Dynamo decides to split before it calls any backend
+    (convert_frame reads `optimize_ddp` when the frame starts, then hands the backend one bucket at a time), and
+    `torch.compile` wraps every non-Inductor backend in `_TorchCompileWrapper`, which drops the `backend_ctx_ctor`
+    hook a backend could otherwise use to run code around the frame. `liger_fx.apply` (and so the HF Trainer hook)
+    enters this context around every call of the compiled forward; with `torch.compile(model, backend="liger")`
+    enter it around the training step.
+
+    Scoped: `optimize_ddp` is set to False through torch's own `config.patch` for the duration only, and nothing is
+    touched when the user chose another mode (`optimize_ddp=False` compiles one graph, as before; the
+    `python_reducer` modes are DDP's own, fixed when DDP was built). Cheap enough to enter on every step: Dynamo
+    reads the setting only when it compiles, and a cached frame never looks at it.
+    """
+    from torch._dynamo.utils import get_optimize_ddp_mode
+
+    if _OWN_SPLIT.get() or get_optimize_ddp_mode() != "ddp_optimizer":
+        yield
+        return
+    token = _OWN_SPLIT.set(True)
+    try:
+        with torch._dynamo.config.patch(optimize_ddp=False):
+            yield
+    finally:
+        _OWN_SPLIT.reset(token)
+
+
+def in_ddp_forward() -> bool:
+    """True while a DistributedDataParallel module runs its wrapped module's forward (DDP sets this around the call;
+    Dynamo reads the same to decide on DDPOptimizer)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel._get_active_ddp_module() is not None
+
+
+def owned_ddp_module():
+    """The DDP module whose forward is being compiled, when `split_after_rewrite` handed its split to us; else None."""
+    if not _OWN_SPLIT.get():
+        return None
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel._get_active_ddp_module()
+
+
+def compile_in_buckets(traced: fx.GraphModule, dynamo_gm: fx.GraphModule, example_inputs, ddp_module,
+                       compile_fn: Callable, record: GraphRecord):
+    """Cut `traced` (the rewritten graph, or Dynamo's own after a fallback) at DDP's buckets and compile each piece
+    with `compile_fn`, as Dynamo would have done with Dynamo's graph: same DDPOptimizer, same bucket cap."""
+    from torch._dynamo.backends.distributed import DDPOptimizer
+
+    if traced is not dynamo_gm:
+        _carry_dynamo_meta(dynamo_gm, traced)
+    cap = ddp_module.bucket_bytes_cap
+    # DDPOptimizer refuses a first bucket larger than the others, and Dynamo builds it with DDP's 1 MiB default:
+    # under plain Dynamo a bucket_cap_mb below 1 fails at the first step. Capping the first bucket at the others
+    # keeps every size torch accepts as torch has it and accepts the small ones (the CPU tests scale 25 MB down).
+    first = min(getattr(torch.distributed, "_DEFAULT_FIRST_BUCKET_BYTES", cap), cap)
+    optimizer = DDPOptimizer(bucket_bytes_cap=cap, backend_compile_fn=compile_fn, first_bucket_cap=first)
+    compiled = optimizer.compile_fn(traced, example_inputs)
+    record.ddp_buckets = len(optimizer.buckets)
+    log.info("liger_fx: graph %d: cut into %d DDP bucket(s) of %.1f MiB after the rewrite", record.index,
+             record.ddp_buckets, cap / 2**20)
+    return compiled
+
+
+def _carry_dynamo_meta(dynamo_gm: fx.GraphModule, traced: fx.GraphModule) -> None:
+    """What DDPOptimizer reads from Dynamo's graph, put on the retraced one: each placeholder's example value (a
+    Parameter there, which is how it counts a bucket's bytes) and Dynamo source, the graph's meta and its parameter
+    sources. The placeholders correspond one to one, in order (canonicalize.to_aten)."""
+    ours = [n for n in traced.graph.nodes if n.op == "placeholder"]
+    theirs = [n for n in dynamo_gm.graph.nodes if n.op == "placeholder"]
+    assert len(ours) == len(theirs), (len(ours), len(theirs))
+    for mine, orig in zip(ours, theirs):
+        if "example_value" in orig.meta:
+            mine.meta["example_value"] = orig.meta["example_value"]
+        mine._dynamo_source = getattr(orig, "_dynamo_source", None)
+    traced.meta = dynamo_gm.meta
+    traced._param_name_to_source = getattr(dynamo_gm, "_param_name_to_source", None)
