@@ -2,19 +2,29 @@
 
 DDP. Dynamo's DDPOptimizer (`torch._dynamo.config.optimize_ddp`, on by default) splits the captured graph where
 DDP's gradient buckets end, so that each bucket's all-reduce can start while the backward of the earlier buckets
-still runs, and calls the backend once per bucket. Each bucket arrives as an ordinary GraphModule with FakeTensor
-inputs in Dynamo's fake mode and the node metadata (module paths) of the original graph, so `to_aten` and the
-patterns work unchanged; a model whose parameters fit one bucket (25 MB by default) is not split at all.
+still runs, and calls the backend once per bucket. A fusion whose ops straddle a boundary cannot match. The boundary
+lands after the op that fills a bucket, i.e. after a large projection: on the Llama-3.2-1B shape (bf16, 16 layers,
+DDP's 25 MiB buckets) Dynamo cuts the graph into 50 buckets and every MLP between `silu(gate)` and `* up`: SwiGLU
+0/16, while RMSNorm 33/33, RoPE 32/32 and lm_head + loss 1/1 stayed whole (/tmp measurement, rewrite only, CPU).
 
-What the split costs: a fusion whose ops straddle a boundary cannot match, since neither bucket holds all of it.
-The boundary lands after whichever op fills the bucket, i.e. after a large projection. At Llama-3.2-1B proportions
-(bf16, 25 MB buckets; simulated with every width divided by 16 and the bucket by 256) every decoder layer's MLP is cut
-between `silu(gate)` and `* up`: the SwiGLU of every layer is lost, while RMSNorm, RoPE and lm_head + loss stayed
-whole. We keep DDPOptimizer's default (we cannot change it from inside a backend call, and the user chose DDP's
-overlap) and make the loss visible: a near miss in a bucket whose module's values leave the bucket gets the reason
-below, and the first one logs a warning naming the setting that compiles one graph. With
-`torch._dynamo.config.optimize_ddp = False` the backend receives the whole graph and every pattern can match; the
-all-reduce then starts only after the whole backward (what that costs was not measured: no multi-GPU machine yet).
+What we do: `split_after_rewrite` (below) has Dynamo hand the backend the whole graph; the backend rewrites it and
+only then cuts it with torch's own DDPOptimizer at the DDP module's bucket cap. A fused op is one node, so no
+boundary can fall inside it, and everything else about the cut is Dynamo's. On the same shape: SwiGLU 16/16, the
+others as before, and the same parameters in the same buckets in the same order (51 buckets: with the logits
+returned, the tied lm_head weight feeds both the logits matmul and the fused loss, and DDPOptimizer, which counts a
+parameter at each use, starts one more bucket between them; tests/test_distributed.py checks the layout at 1/16 of
+the widths). Each bucket stays its own compiled autograd function, so its gradients are ready, and all-reduced, while
+the earlier buckets' backward runs: the overlap is kept.
+Not chosen: moving Dynamo's cut points (which nodes make a fusable site is only known after our canonicalization
+and matching, so it would mean re-implementing DDPOptimizer's bucketing on our side); `optimize_ddp="python_reducer"`
+(compiled autograd: DDP reads the mode once in its `__init__`, before any backend runs, needs compiled autograd
+switched on, and its constructor then changes Inductor's config and Dynamo's trace rules globally); and
+`optimize_ddp = False` (one graph: every all-reduce waits for the whole backward).
+
+Dynamo decides to split before it calls any backend, so the backend cannot do this by itself; see
+`split_after_rewrite` for who enters it. Where nobody does (plain `torch.compile(DDP(model), backend="liger")`
+called outside it), Dynamo's split stands, and a near miss in a bucket whose module's values leave the bucket gets
+CUT_REASON below; the first one logs a warning.
 
 FSDP2. `fully_shard` hooks run under `torch._dynamo.disable`, so Dynamo breaks the graph at each wrapped module: one
 graph per decoder layer, then the final norm, then lm_head + loss. Inside them every parameter is the all-gathered
@@ -39,7 +49,8 @@ log = logging.getLogger("liger_fx")
 
 CUT_REASON = (
     "this graph is one DDPOptimizer bucket and values of this module leave it at the bucket boundary: a pattern cut "
-    "there cannot match (torch._dynamo.config.optimize_ddp = False compiles one graph)"
+    "there cannot match (liger_fx.apply, or the compiled call inside liger_fx.distributed.split_after_rewrite(), "
+    "rewrites before the cut)"
 )
 
 _warned = False
