@@ -5,15 +5,16 @@ DDP's gradient buckets end, so that each bucket's all-reduce can start while the
 still runs, and calls the backend once per bucket. A fusion whose ops straddle a boundary cannot match. The boundary
 lands after the op that fills a bucket, i.e. after a large projection: on the Llama-3.2-1B shape (bf16, 16 layers,
 DDP's 25 MiB buckets) Dynamo cuts the graph into 50 buckets and every MLP between `silu(gate)` and `* up`: SwiGLU
-0/16, while RMSNorm 33/33, RoPE 32/32 and lm_head + loss 1/1 stayed whole (/tmp measurement, rewrite only, CPU).
+0/16, while RMSNorm 33/33, RoPE 32/32 and lm_head + loss 1/1 stayed whole (`python -m bench.ddp_buckets`: rewrite
+only, on CPU, 2 min).
 
 What we do: `split_after_rewrite` (below) has Dynamo hand the backend the whole graph; the backend rewrites it and
 only then cuts it with torch's own DDPOptimizer at the DDP module's bucket cap. A fused op is one node, so no
 boundary can fall inside it, and everything else about the cut is Dynamo's. On the same shape: SwiGLU 16/16, the
-others as before, and the same parameters in the same buckets in the same order (51 buckets: with the logits
-returned, the tied lm_head weight feeds both the logits matmul and the fused loss, and DDPOptimizer, which counts a
-parameter at each use, starts one more bucket between them; tests/test_distributed.py checks the layout at 1/16 of
-the widths). Each bucket stays its own compiled autograd function, so its gradients are ready, and all-reduced, while
+others as before, and the same parameters in the same buckets in the same order: 50 buckets with the loss alone
+returned (`--loss-only`, liger_fx.apply's graph), 51 with the logits returned too, where the tied lm_head weight
+feeds both the logits matmul and the fused loss and DDPOptimizer, which counts a parameter at each use, opens one
+more bucket between them holding nothing new (tests/test_distributed.py checks the layout at 1/16 of the widths). Each bucket stays its own compiled autograd function, so its gradients are ready, and all-reduced, while
 the earlier buckets' backward runs: the overlap is kept.
 Not chosen: moving Dynamo's cut points (which nodes make a fusable site is only known after our canonicalization
 and matching, so it would mean re-implementing DDPOptimizer's bucketing on our side); `optimize_ddp="python_reducer"`

@@ -241,6 +241,7 @@ def test_norm_cut_by_a_bucket_is_a_near_miss_that_says_so(cap, cut):
 # Where the cut falls. No compile: each piece is rewritten and run uncompiled (bench/ddp_buckets.py).
 
 
+@pytest.mark.slow  # CPU only, nothing for the GPU run to learn here (bench/gpu_all.sh runs -m "not slow")
 def test_cut_after_the_rewrite_keeps_dynamos_buckets_and_every_site():
     from bench.ddp_buckets import compare, layout, scaled
 
@@ -291,11 +292,13 @@ def gloo_world_of_one():
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # gloo on CPU
 @pytest.mark.parametrize("entry, optimize_ddp, buckets", [
-    ("apply", True, 4),                # liger_fx.apply (and the HF Trainer hook): enters the scope by itself
+    ("apply", True, 4),                # liger_fx.apply, then DDP (the HF Trainer's order): enters the scope itself
+    ("apply-ddp", True, 4),            # liger_fx.apply(DDP(model)): the same, on the wrapped module
     ("torch.compile", True, 4),        # torch.compile(DDP(model)) with the step inside split_after_rewrite()
     ("apply", False, 0),               # the user's optimize_ddp=False: one graph, as before
-], ids=["apply", "torch.compile-in-scope", "apply-user-optimize_ddp-False"])
+], ids=["apply", "apply-to-ddp", "torch.compile-in-scope", "apply-user-optimize_ddp-False"])
 def test_ddp_fuses_every_site_and_keeps_the_users_setting(gloo_world_of_one, entry, optimize_ddp, buckets):
     from torch.nn.parallel import DistributedDataParallel
 
@@ -308,6 +311,8 @@ def test_ddp_fuses_every_site_and_keeps_the_users_setting(gloo_world_of_one, ent
         if entry == "apply":
             liger_fx.apply(block)
             step = DistributedDataParallel(block, bucket_cap_mb=BLOCK_BUCKET_MB)
+        elif entry == "apply-ddp":
+            step = liger_fx.apply(DistributedDataParallel(block, bucket_cap_mb=BLOCK_BUCKET_MB))
         else:
             ddp = DistributedDataParallel(block, bucket_cap_mb=BLOCK_BUCKET_MB)
             compiled = torch.compile(ddp, backend="liger")
