@@ -119,7 +119,7 @@ class GraphRecord:
         if self.misses:
             text += f"; {len(self.misses)} near miss(es), first: {self.misses[0].where}: {self.misses[0].reason}"
         if self.ddp_buckets:
-            text += f"; then cut into {self.ddp_buckets} DDP bucket(s)"
+            text += f"; then cut into {self.ddp_buckets} DDP buckets" if self.ddp_buckets > 1 else "; one DDP bucket"
         return text
 
 
