@@ -14,11 +14,13 @@ boundary can fall inside it, and everything else about the cut is Dynamo's. On t
 others as before, and the same parameters in the same buckets in the same order: 50 buckets with the loss alone
 returned (`--loss-only`, liger_fx.apply's graph), 51 with the logits returned too, where the tied lm_head weight
 feeds both the logits matmul and the fused loss and DDPOptimizer, which counts a parameter at each use, opens one
-more bucket between them holding nothing new (tests/test_distributed.py checks the layout at 1/16 of the widths). Each bucket stays its own compiled autograd function, so its gradients are ready, and all-reduced, while
-the earlier buckets' backward runs: the overlap is kept.
+more bucket between them holding nothing new (tests/test_distributed.py checks the layout at 1/16 of the widths).
+Each bucket stays its own compiled autograd function, so its gradients are ready, and all-reduced, while the earlier
+buckets' backward runs: the overlap is kept.
+
 Not chosen: moving Dynamo's cut points (which nodes make a fusable site is only known after our canonicalization
 and matching, so it would mean re-implementing DDPOptimizer's bucketing on our side); `optimize_ddp="python_reducer"`
-(compiled autograd: DDP reads the mode once in its `__init__`, before any backend runs, needs compiled autograd
+(experimental, compiled autograd: DDP reads the mode once in its `__init__`, before any backend runs, needs compiled autograd
 switched on, and its constructor then changes Inductor's config and Dynamo's trace rules globally); and
 `optimize_ddp = False` (one graph: every all-reduce waits for the whole backward).
 

@@ -22,6 +22,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch._dynamo.utils import counters
 
 import liger_fx
 from liger_fx import distributed as ligerdist
@@ -300,38 +301,56 @@ def gloo_world_of_one():
     ("apply", False, 0),               # the user's optimize_ddp=False: one graph, as before
 ], ids=["apply", "apply-to-ddp", "torch.compile-in-scope", "apply-user-optimize_ddp-False"])
 def test_ddp_fuses_every_site_and_keeps_the_users_setting(gloo_world_of_one, entry, optimize_ddp, buckets):
+    with torch._dynamo.config.patch(optimize_ddp=optimize_ddp):
+        _train_block_like_eager(entry)
+        assert torch._dynamo.config.optimize_ddp is optimize_ddp  # the scope restored what the user set
+    (record,) = liger_fx.get_records()
+    assert replaced("rms_norm") == 1 and replaced("swiglu") == 1 and not record.misses, record.summary()
+    assert record.ddp_buckets == buckets, record.summary()
+
+
+@pytest.mark.slow  # gloo on CPU
+def test_ddp_rewrite_failure_compiles_dynamos_graph_cut_as_dynamo_would(gloo_world_of_one, monkeypatch):
+    from liger_fx import backend
+
+    def broken(gm, config, record):
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(backend, "PASSES", [*backend.passes(), ("broken", broken)])
+    _train_block_like_eager("apply")
+    (record,) = liger_fx.get_records()
+    assert record.fallback and not record.replaced and sum(counters["liger_fx"].values()) == 0
+    assert record.ddp_buckets == 4, record  # Dynamo's own graph, the same 4 buckets
+
+
+def _train_block_like_eager(entry: str) -> None:
+    """One forward and backward of MLPBlock under DDP, entered as `entry` says; output and every gradient equal to
+    eager's."""
     from torch.nn.parallel import DistributedDataParallel
 
     torch.manual_seed(0)
-    block = MLPBlock()
-    ref = MLPBlock()
+    block, ref = MLPBlock(), MLPBlock()
     ref.load_state_dict(block.state_dict())
     x = torch.randn(3, 5, 32)
-    with torch._dynamo.config.patch(optimize_ddp=optimize_ddp):
-        if entry == "apply":
-            liger_fx.apply(block)
-            step = DistributedDataParallel(block, bucket_cap_mb=BLOCK_BUCKET_MB)
-        elif entry == "apply-ddp":
-            step = liger_fx.apply(DistributedDataParallel(block, bucket_cap_mb=BLOCK_BUCKET_MB))
-        else:
-            ddp = DistributedDataParallel(block, bucket_cap_mb=BLOCK_BUCKET_MB)
-            compiled = torch.compile(ddp, backend="liger")
+    if entry == "apply":
+        liger_fx.apply(block)
+        step = DistributedDataParallel(block, bucket_cap_mb=BLOCK_BUCKET_MB)
+    elif entry == "apply-ddp":
+        step = liger_fx.apply(DistributedDataParallel(block, bucket_cap_mb=BLOCK_BUCKET_MB))
+    else:
+        compiled = torch.compile(DistributedDataParallel(block, bucket_cap_mb=BLOCK_BUCKET_MB), backend="liger")
 
-            def step(inp):
-                with ligerdist.split_after_rewrite():
-                    return compiled(inp)
+        def step(inp):
+            with ligerdist.split_after_rewrite():
+                return compiled(inp)
 
-        out = step(x)
-        out.sum().backward()
-        assert torch._dynamo.config.optimize_ddp is optimize_ddp  # the scope restored what the user set
+    out = step(x)
+    out.sum().backward()
     expected = ref(x)
     expected.sum().backward()
     torch.testing.assert_close(out, expected, **TOL)
     for name, p in ref.named_parameters():
         torch.testing.assert_close(block.get_parameter(name).grad, p.grad, **TOL, msg=lambda m: f"{name}: {m}")
-    (record,) = liger_fx.get_records()
-    assert replaced("rms_norm") == 1 and replaced("swiglu") == 1 and not record.misses, record.summary()
-    assert record.ddp_buckets == buckets, record.summary()
 
 
 @pytest.mark.parametrize("user", [True, "ddp_optimizer", False, "python_reducer"])
