@@ -20,8 +20,9 @@ buckets' backward runs: the overlap is kept.
 
 Not chosen: moving Dynamo's cut points (which nodes make a fusable site is only known after our canonicalization
 and matching, so it would mean re-implementing DDPOptimizer's bucketing on our side); `optimize_ddp="python_reducer"`
-(experimental, compiled autograd: DDP reads the mode once in its `__init__`, before any backend runs, needs compiled autograd
-switched on, and its constructor then changes Inductor's config and Dynamo's trace rules globally); and
+(experimental, compiled autograd: DDP reads the mode once in its `__init__`, before any backend runs, needs
+compiled autograd switched on, and its constructor then changes Inductor's config and Dynamo's trace rules
+globally); and
 `optimize_ddp = False` (one graph: every all-reduce waits for the whole backward).
 
 Dynamo decides to split before it calls any backend, so the backend cannot do this by itself; see
