@@ -24,6 +24,10 @@ What it does, and why:
   LoRA Llama. NEFTune's noise hook keeps its eager semantics the same way. Same math, one lookup outside the graph.
 - Everything else (`num_items_in_batch`, attention masks, position ids) passes through to the model untouched;
   `num_items_in_batch` reaches the loss, which the fused op divides by.
+- Inside DistributedDataParallel's forward (the model applied to, then wrapped, or `apply(DDP(model))`), every call
+  runs inside `distributed.split_after_rewrite()`: the backend gets the whole graph and cuts it at DDP's buckets
+  after the rewrite, so no bucket boundary falls inside a fused site and each bucket's all-reduce still overlaps the
+  backward. Dynamo's own split, before the rewrite, cut every SwiGLU of Llama-3.2-1B (liger_fx/distributed.py).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from typing import Any, Callable
 
 import torch
 
+from . import distributed
 from .config import LigerConfig
 from .models import is_encoder
 
@@ -55,11 +60,17 @@ class _Applied:
 
 
 def base_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The model under a PEFT wrapper (`PeftModel.get_base_model()`), else the model itself.
+    """The model under a DDP wrapper and a PEFT wrapper (`PeftModel.get_base_model()`), else the model itself.
 
     Compiling the base model keeps the LoRA layers inside one graph with everything else, so every rewrite still
     matches (LoRA adds `B(A(x)) * s` next to the frozen linear and touches no norm, rotation or loss); the PEFT
-    wrapper's own forward only dispatches on its config and stays eager."""
+    wrapper's own forward only dispatches on its config and stays eager. DDP's forward calls the wrapped module's,
+    so applying to `DDP(model)` is applying to `model`: its forward runs inside DDP's, where the buckets are cut after
+    the rewrite (distributed.split_after_rewrite)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel):
+        model = model.module
     if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
         return model.get_base_model()
     return model
@@ -142,14 +153,16 @@ def _make_forward(target: torch.nn.Module) -> Callable:
             emb = self.get_input_embeddings() if hasattr(self, "get_input_embeddings") else None
             if emb is not None and (emb._forward_hooks or emb._forward_pre_hooks):
                 kwargs["inputs_embeds"] = emb(kwargs.pop("input_ids"))
-        if skip and len(args) <= 1:  # a training step: let SDPA take its causal fast path when it may
-            mask = kwargs.get("attention_mask")
-            if isinstance(mask, torch.Tensor) and mask.dim() == 2 and bool(mask.all()):
-                kwargs["attention_mask"] = None  # no padding: the same as no mask (one host sync a step)
-            if kwargs.get("attention_mask") is None and kwargs.get("position_ids") is None:
-                with _plain_causal_attention():
-                    return self._liger_fx.compiled(self, skip, *args, **kwargs)
-        return self._liger_fx.compiled(self, skip, *args, **kwargs)
+        with contextlib.ExitStack() as scope:
+            if distributed.in_ddp_forward():  # DDP's buckets are cut after our rewrite, not through a fused site
+                scope.enter_context(distributed.split_after_rewrite())
+            if skip and len(args) <= 1:  # a training step: let SDPA take its causal fast path when it may
+                mask = kwargs.get("attention_mask")
+                if isinstance(mask, torch.Tensor) and mask.dim() == 2 and bool(mask.all()):
+                    kwargs["attention_mask"] = None  # no padding: the same as no mask (one host sync a step)
+                if kwargs.get("attention_mask") is None and kwargs.get("position_ids") is None:
+                    scope.enter_context(_plain_causal_attention())
+            return self._liger_fx.compiled(self, skip, *args, **kwargs)
 
     forward.__name__ = "forward"
     return forward

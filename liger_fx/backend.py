@@ -8,13 +8,15 @@ Dynamo hands us its FX graph and example inputs. We
   2. run the enabled pattern families in order (rewrite.apply_family), each replacing subgraphs with one fused op
      that carries its own backward, and mark the cheap ones' outputs for recomputation in the backward
      (rewrite.tag_recompute; option `recompute`),
-  3. hand the result to Inductor (compile_fx), which does AOTAutograd and fuses everything else.
+  3. hand the result to Inductor (compile_fx), which does AOTAutograd and fuses everything else; under DDP, when
+     DDP's whole graph was handed to us (distributed.split_after_rewrite), first cut it at DDP's gradient buckets.
 If 1-2 raise, we log one warning and compile Dynamo's untouched graph: a model that compiles with Inductor never
 fails with liger.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 from collections import Counter
@@ -91,9 +93,12 @@ def liger_backend(gm: fx.GraphModule, example_inputs, options: dict | None = Non
     patches = {**_mode_patches(mode), **inductor_options}
     record = rewrite.GraphRecord(next(_graph_index))
     rewrite.RECORDS.append(record)
+    ddp_module = distributed.owned_ddp_module()  # DDP's whole graph, ours to cut after the rewrite (or None)
     try:
         compiled_gm = rewrite_graph(gm, example_inputs, config, record)
         distributed.note_bucket_cuts(gm, compiled_gm, record)  # a DDP bucket: say which misses its boundary explains
+        if ddp_module is not None:
+            distributed.carry_dynamo_meta(gm, compiled_gm)  # what DDPOptimizer reads from Dynamo's graph
     except Exception as e:  # the fallback is the product's promise: never worse than Inductor
         record.fallback = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         record.replaced.clear()
@@ -107,4 +112,7 @@ def liger_backend(gm: fx.GraphModule, example_inputs, options: dict | None = Non
     if record.causal_sdpa:
         counters["liger_fx"]["causal_sdpa"] += len(record.causal_sdpa)
     log.info(record.summary())
-    return compile_fx(compiled_gm, example_inputs, config_patches=patches or None)
+    compile_one = functools.partial(compile_fx, config_patches=patches or None)
+    if ddp_module is not None:  # cut now, at DDP's buckets: no boundary can fall inside a fused op
+        return distributed.compile_in_buckets(compiled_gm, example_inputs, ddp_module, compile_one, record)
+    return compile_one(compiled_gm, example_inputs)

@@ -93,6 +93,9 @@ class GraphRecord:
     """Set when the rewrite failed and the graph was compiled by plain Inductor; the exception, in one line."""
     causal_sdpa: list[str] = dataclasses.field(default_factory=list)
     """Where an SDPA's provably causal mask was replaced by is_causal=True (option `causal_sdpa`)."""
+    ddp_buckets: int = 0
+    """How many DDP gradient buckets the graph was cut into after the rewrite (distributed.split_after_rewrite); 0
+    when the backend did not cut it."""
 
     def counts(self) -> dict[str, tuple[int, int]]:
         """flag -> (replaced, candidates)."""
@@ -118,6 +121,8 @@ class GraphRecord:
         text = f"liger_fx: graph {self.index}: replaced " + ", ".join(parts) + causal
         if self.misses:
             text += f"; {len(self.misses)} near miss(es), first: {self.misses[0].where}: {self.misses[0].reason}"
+        if self.ddp_buckets:
+            text += f"; then cut into {self.ddp_buckets} DDP buckets" if self.ddp_buckets > 1 else "; one DDP bucket"
         return text
 
 

@@ -1,9 +1,10 @@
 """DDP and FSDP2 under backend="liger", on CPU with gloo.
 
-Each case runs the documented example, `torchrun --nproc-per-node 2 examples/train_fsdp2.py`, for 5 steps and checks:
-the global losses and the final parameters equal single-process eager training on the same global batch (fp32, the
-tolerances of tests/helpers.py), and every rank's record shows the rewrites of a single-graph compile. Two processes
-compile on 2 shared cores: each run takes about a minute, so the model is shared and there are two runs only.
+Each torchrun case runs the documented example, `torchrun --nproc-per-node 2 examples/train_fsdp2.py`, for 5 steps and
+checks: the global losses and the final parameters equal single-process eager training on the same global batch
+(fp32, the tolerances of tests/helpers.py), and every rank's record shows the rewrites of a single-graph compile. Two
+processes compile on 2 shared cores: each run takes about a minute, so there are three runs only. The in-process cases
+below them check the DDP cut itself (where it falls, what the record says, who may change optimize_ddp).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch._dynamo.utils import counters
 
 import liger_fx
 from liger_fx import distributed as ligerdist
@@ -44,6 +46,15 @@ ARGS = ["--hidden", "128", "--intermediate", "512", "--layers", "2", "--vocab", 
         "--steps", "5", "--optimizer", "sgd", "--lr", "0.1", "--device", "cpu"]
 TOL = dict(atol=1e-5, rtol=1e-4)
 
+# Llama-3.2-1B with every width divided by 16 (hidden 128, intermediate 512, vocab 8016, head_dim 64, tied lm_head)
+# and DDP's 25 MiB bucket by 256, doubled for fp32: each weight matrix fills the share of a bucket it fills at full
+# size in bf16 (an MLP projection 1.25 buckets), where Dynamo's own split cuts every SwiGLU (bench/ddp_buckets.py).
+LLAMA_1B_BY_16 = ["--hidden", "128", "--intermediate", "512", "--layers", "2", "--heads", "2", "--kv-heads", "1",
+                  "--vocab", "8016", "--tie", "--bucket-cap-mb", str(25 / 256 * 2)]
+# The example's default model (hidden 64, intermediate 96, vocab 128) fits DDP's default bucket whole, which cuts
+# nothing; 0.018 MiB gives it the same proportions (an MLP projection, 24 KiB, is 1.3 buckets).
+TINY_DEFAULT = ["--bucket-cap-mb", "0.018"]
+
 
 def _example():
     spec = importlib.util.spec_from_file_location("train_fsdp2", EXAMPLE)
@@ -52,11 +63,11 @@ def _example():
     return module
 
 
-def reference(extra: tuple, tmp_path_factory):
+def reference(extra: tuple, tmp_path_factory, base=ARGS):
     """Single-process eager training on the global batch, and the rewrites of one whole-graph compile."""
     ex = _example()
     path = tmp_path_factory.mktemp("ref") / "params.pt"
-    args = ex.parse_args(ARGS + list(extra) + ["--wrap", "none", "--backend", "eager", "--save-params", str(path)])
+    args = ex.parse_args(base + list(extra) + ["--wrap", "none", "--backend", "eager", "--save-params", str(path)])
     result = ex.train(args)
 
     model = ex.build_model(args, torch.device("cpu"))
@@ -76,10 +87,10 @@ def reference(extra: tuple, tmp_path_factory):
     return result["losses"], torch.load(path), counts
 
 
-def _torchrun(tmp_path, *args) -> tuple[dict, dict]:
+def _torchrun(tmp_path, *args, base=ARGS) -> tuple[dict, dict]:
     out, params = tmp_path / "result.json", tmp_path / "params.pt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(EXAMPLE),
-           *ARGS, *args, "--out", str(out), "--save-params", str(params)]
+           *base, *args, "--out", str(out), "--save-params", str(params)]
     # One compile thread: two ranks each with a pool of Inductor compile workers oversubscribe 2 cores.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_COMPILE_THREADS": "1"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -123,24 +134,27 @@ def _check_numerics(result, params, ref):
 
 
 @pytest.mark.slow  # gloo on CPU: nothing for the GPU run to learn here (bench/gpu_all.sh runs -m "not slow")
-def test_ddp_buckets_are_rewritten_and_train_like_eager(tmp_path, tmp_path_factory):
-    ref = reference((), tmp_path_factory)
-    result, params = _torchrun(tmp_path, "--wrap", "ddp", "--bucket-cap-mb", "1")
+@pytest.mark.parametrize("model", [LLAMA_1B_BY_16, TINY_DEFAULT], ids=["llama-1b-by-16", "tiny-default"])
+def test_ddp_with_default_settings_fuses_every_site_and_trains_like_eager(model, tmp_path, tmp_path_factory):
+    # The example leaves optimize_ddp alone and builds DDP with its own bucket size; each step runs inside
+    # liger_fx.distributed.split_after_rewrite(), so the backend rewrites the whole graph and then cuts it.
+    base = ARGS + model
+    ref = reference((), tmp_path_factory, base)
+    result, params = _torchrun(tmp_path, "--wrap", "ddp", base=base)
     _check_numerics(result, params, ref)
     expected = ref[2]
+    assert expected["swiglu"] == 2 and expected["fused_linear_cross_entropy"] == 1, expected
     for rank in result["ranks"]:
         records = rank["records"]
-        assert len(records) >= 2, "DDPOptimizer did not split the graph; the test no longer covers buckets"
-        assert all(r["fallback"] is None for r in records), [r["summary"] for r in records]
-        # The buckets together rewrite what one whole graph does; a pattern cut by a bucket boundary would be a near
-        # miss that says so (then replaced + cut == expected).
-        misses = [m for r in records for m in r["misses"]]
-        assert all(ligerdist.CUT_REASON in m["reason"] for m in misses), misses
-        cut = collections.Counter(m["flag"] for m in misses)
+        assert all(r["fallback"] is None and not r["misses"] for r in records), [r["summary"] for r in records]
+        # Every site of the whole-graph compile is fused, in one graph that was then cut into DDP buckets (3 per
+        # layer and 2 more at these proportions: each bucket all-reduces while the backward of the next one runs).
         got = collections.Counter(rank["counters"])
-        assert {f: got[f] + cut[f] for f in expected} == dict(expected), (got, cut, expected)
-        sites = [x["where"] for r in records for x in r["replaced"]]
-        assert "model.layers.1.input_layernorm" in sites, sites  # module paths survive the split
+        assert {f: got[f] for f in expected} == dict(expected), (got, expected)
+        (cut,) = [r for r in records if r["replaced"]]
+        assert cut["ddp_buckets"] >= 2 * 3, [r["summary"] for r in records]
+        sites = [x["where"] for x in cut["replaced"]]
+        assert "model.layers.1.mlp" in sites, sites  # module paths survive the cut
 
 
 @pytest.mark.slow
@@ -222,3 +236,130 @@ def test_norm_cut_by_a_bucket_is_a_near_miss_that_says_so(cap, cut):
         assert miss.where == "norm" and ligerdist.CUT_REASON in miss.reason, miss
     else:
         assert len(records) == 1 and replaced("rms_norm") == 1 and not misses
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Where the cut falls. No compile: each piece is rewritten and run uncompiled (bench/ddp_buckets.py).
+
+
+@pytest.mark.slow  # CPU only, nothing for the GPU run to learn here (bench/gpu_all.sh runs -m "not slow")
+def test_cut_after_the_rewrite_keeps_dynamos_buckets_and_every_site():
+    from bench.ddp_buckets import compare, layout, scaled
+
+    cfg, cap = scaled(16, torch.float32, layers=2)  # LLAMA_1B_BY_16's model and bucket
+    out = compare(cfg, cap, torch.float32)
+    dynamo, ours = out["dynamo"], out["liger"]
+    # Dynamo's split, as torch.compile(DDP(model), backend="liger") gets it: every MLP cut, and the record says why.
+    assert dynamo["replaced"]["swiglu"] == 0 and dynamo["candidates"]["swiglu"] == 2, dynamo["replaced"]
+    assert dynamo["misses"] and all(ligerdist.CUT_REASON in m.reason for m in dynamo["misses"]), dynamo["misses"]
+    # Rewrite first: every candidate fused, and the same parameters in the same buckets, so DDP's all-reduces start
+    # at the same points of the backward (the tied lm_head weight, used by the logits matmul and the fused loss, may
+    # open one extra bucket holding nothing new).
+    assert not ours["misses"] and ours["replaced"] == dynamo["candidates"], (ours["replaced"], dynamo["candidates"])
+    assert len(dynamo["buckets"]) == 8 and layout(ours["buckets"]) == layout(dynamo["buckets"]), out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# DDP in this process (gloo, a world of one): who enters the cut after the rewrite, and what a user's setting keeps.
+
+
+class MLPBlock(nn.Module):
+    """Llama's pre-norm MLP with its residual."""
+
+    def __init__(self, d=32, i=64):
+        super().__init__()
+        self.norm = Norm(d)
+        self.gate = nn.Linear(d, i, bias=False)
+        self.up = nn.Linear(d, i, bias=False)
+        self.down = nn.Linear(i, d, bias=False)
+
+    def forward(self, x):
+        h = self.norm(x)
+        return x + self.down(torch.nn.functional.silu(self.gate(h)) * self.up(h))
+
+
+# 0.75 of a projection (8 KiB), as DDP's 25 MiB bucket is of a Llama-3.2-1B projection in bf16 (32 MiB): each
+# projection fills a bucket and the norm's weight opens a fourth; Dynamo's own cut would fall between silu(gate) and
+# * up.
+BLOCK_BUCKET_MB = 6 / 1024
+
+
+@pytest.fixture
+def gloo_world_of_one():
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # gloo on CPU
+@pytest.mark.parametrize("entry, optimize_ddp, buckets", [
+    ("apply", True, 4),                # liger_fx.apply, then DDP (the HF Trainer's order): enters the scope itself
+    ("apply-ddp", True, 4),            # liger_fx.apply(DDP(model)): the same, on the wrapped module
+    ("torch.compile", True, 4),        # torch.compile(DDP(model)) with the step inside split_after_rewrite()
+    ("apply", False, 0),               # the user's optimize_ddp=False: one graph, as before
+], ids=["apply", "apply-to-ddp", "torch.compile-in-scope", "apply-user-optimize_ddp-False"])
+def test_ddp_fuses_every_site_and_keeps_the_users_setting(gloo_world_of_one, entry, optimize_ddp, buckets):
+    with torch._dynamo.config.patch(optimize_ddp=optimize_ddp):
+        _train_block_like_eager(entry)
+        assert torch._dynamo.config.optimize_ddp is optimize_ddp  # the scope restored what the user set
+    (record,) = liger_fx.get_records()
+    assert replaced("rms_norm") == 1 and replaced("swiglu") == 1 and not record.misses, record.summary()
+    assert record.ddp_buckets == buckets, record.summary()
+
+
+@pytest.mark.slow  # gloo on CPU
+def test_ddp_rewrite_failure_compiles_dynamos_graph_cut_as_dynamo_would(gloo_world_of_one, monkeypatch):
+    from liger_fx import backend
+
+    def broken(gm, config, record):
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(backend, "PASSES", [*backend.passes(), ("broken", broken)])
+    _train_block_like_eager("apply")
+    (record,) = liger_fx.get_records()
+    assert record.fallback and not record.replaced and sum(counters["liger_fx"].values()) == 0
+    assert record.ddp_buckets == 4, record  # Dynamo's own graph, the same 4 buckets
+
+
+def _train_block_like_eager(entry: str) -> None:
+    """One forward and backward of MLPBlock under DDP, entered as `entry` says; output and every gradient equal to
+    eager's."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.manual_seed(0)
+    block, ref = MLPBlock(), MLPBlock()
+    ref.load_state_dict(block.state_dict())
+    x = torch.randn(3, 5, 32)
+    if entry == "apply":
+        liger_fx.apply(block)
+        step = DistributedDataParallel(block, bucket_cap_mb=BLOCK_BUCKET_MB)
+    elif entry == "apply-ddp":
+        step = liger_fx.apply(DistributedDataParallel(block, bucket_cap_mb=BLOCK_BUCKET_MB))
+    else:
+        compiled = torch.compile(DistributedDataParallel(block, bucket_cap_mb=BLOCK_BUCKET_MB), backend="liger")
+
+        def step(inp):
+            with ligerdist.split_after_rewrite():
+                return compiled(inp)
+
+    out = step(x)
+    out.sum().backward()
+    expected = ref(x)
+    expected.sum().backward()
+    torch.testing.assert_close(out, expected, **TOL)
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(block.get_parameter(name).grad, p.grad, **TOL, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("user", [True, "ddp_optimizer", False, "python_reducer"])
+def test_split_after_rewrite_changes_only_the_default(user):
+    with torch._dynamo.config.patch(optimize_ddp=user):
+        with ligerdist.split_after_rewrite():
+            inside, owned = torch._dynamo.config.optimize_ddp, ligerdist._OWN_SPLIT.get()
+            with ligerdist.split_after_rewrite():  # nested (apply inside a user's scope): nothing more to do
+                assert torch._dynamo.config.optimize_ddp == inside
+            assert ligerdist._OWN_SPLIT.get() == owned
+        assert torch._dynamo.config.optimize_ddp == user and not ligerdist._OWN_SPLIT.get()
+    assert (inside, owned) == ((False, True) if user in (True, "ddp_optimizer") else (user, False))
