@@ -40,6 +40,8 @@ def main(argv=None) -> None:
     p.add_argument("--shape", default="llama-1b", choices=sorted(e2e.SHAPES))
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--top", type=int, default=20)
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--seq", type=int, default=None)
     args = p.parse_args(argv)
 
     shape = e2e.SHAPES[args.shape]
@@ -47,7 +49,8 @@ def main(argv=None) -> None:
     fn = e2e.make_variant(args.variant, model, "cuda")
     opt = torch.optim.AdamW(model.parameters(), lr=e2e.LR, fused=True)
     g = torch.Generator(device="cuda").manual_seed(1234)
-    ids = torch.randint(0, model.config.vocab_size, (shape.batch, shape.seq), device="cuda", generator=g)
+    B, T = args.batch or shape.batch, args.seq or shape.seq
+    ids = torch.randint(0, model.config.vocab_size, (B, T), device="cuda", generator=g)
 
     def step():
         loss = fn(input_ids=ids, labels=ids).loss
@@ -58,6 +61,13 @@ def main(argv=None) -> None:
     for _ in range(args.warmup):
         step()
     torch.cuda.synchronize()
+    import time
+
+    t0 = time.perf_counter()
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - t0) / 5 * 1e3
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
@@ -70,9 +80,13 @@ def main(argv=None) -> None:
         per_kernel[evt.key][0] += t
         per_kernel[evt.key][1] += evt.count
     total = sum(per_class.values())
-    print(f"== {args.variant} on {args.shape}: {total / 1e3:.1f} ms of CUDA kernel time in one step")
+    launches = defaultdict(int)
+    for name, (_, n) in per_kernel.items():
+        launches[classify(name)] += n
+    print(f"== {args.variant} on {args.shape} B{B} T{T}: {total / 1e3:.1f} ms of CUDA kernel time in one step, "
+          f"{sum(launches.values())} kernel launches; wall {wall_ms:.1f} ms a step")
     for label, t in sorted(per_class.items(), key=lambda kv: -kv[1]):
-        print(f"  {label:42s} {t / 1e3:8.2f} ms  {100 * t / total:5.1f}%")
+        print(f"  {label:42s} {t / 1e3:8.2f} ms  {100 * t / total:5.1f}%  x{launches[label]}")
     print(f"== top {args.top} kernels")
     for name, (t, n) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[: args.top]:
         print(f"  {t / 1e3:8.2f} ms  x{n:<4d} {name[:110]}")

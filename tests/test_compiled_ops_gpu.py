@@ -75,6 +75,10 @@ def test_reduce_overhead_captures_every_fused_op(path, caplog):
         with caplog.at_level(logging.DEBUG):
             losses = []
             for _ in range(3):
+                # Grads set to None each step, as a training loop's zero_grad does: accumulating into the previous
+                # replay's gradient outputs reads memory the next replay overwrote (seen on the H200: "accessing
+                # tensor output of CUDAGraphs that has been overwritten by a subsequent run").
+                model.zero_grad(set_to_none=True)
                 torch.compiler.cudagraph_mark_step_begin()
                 loss = fn(input_ids=ids, labels=labels).loss
                 loss.backward()
