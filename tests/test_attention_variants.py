@@ -1,0 +1,78 @@
+"""Whole models whose attention mask is not the plain causal triangle (issue 16, section 2): packed sequences,
+sliding windows mixed with full layers, softcapped attention. The rewrites around attention must leave these masks
+alone (option `causal_sdpa` fires only on a provably causal mask) and the step must equal eager."""
+
+import copy
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import liger_fx
+from liger_fx.models import mini_model
+from tests.helpers import batch, train_step
+
+ATOL, RTOL = 1e-5, 1e-4  # fp32, as tests/helpers.compare_training
+
+_COMPILERS = {
+    "torch_compile": lambda m: torch.compile(m, backend="liger"),
+    "apply": liger_fx.apply,
+}
+
+
+def _assert_steps_equal(got, ref):
+    (loss, grads), (ref_loss, ref_grads) = got, ref
+    torch.testing.assert_close(loss, ref_loss, atol=ATOL, rtol=RTOL)
+    assert set(grads) == set(ref_grads), set(grads) ^ set(ref_grads)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=ATOL, rtol=RTOL, msg=lambda m: f"{name}: {m}")
+
+
+def _max_grad_diff(a, b):
+    return max((a[1][n] - b[1][n]).abs().max().item() for n in a[1])
+
+
+def _assert_no_mask_made_causal():
+    records = liger_fx.get_records()
+    assert records and not any(r.fallback for r in records), [r.summary() for r in records]
+    assert all(r.causal_sdpa == [] for r in records), [r.causal_sdpa for r in records]
+    assert counters["liger_fx"]["causal_sdpa"] == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Packed sequences: several documents per row, position ids restarting at each, no padding, no attention mask.
+
+# Row 0: documents of 5, 3 and 8 tokens; row 1: 3, 6, 2 and 5.
+PACKED_POSITIONS = [[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3, 4, 5, 6, 7],
+                    [0, 1, 2, 0, 1, 2, 3, 4, 5, 0, 1, 0, 1, 2, 3, 4]]
+
+
+def _packed_batch(vocab):
+    """As transformers' DataCollatorWithFlattening (TRL's padding-free packing) builds it: each document's first label
+    is -100, so no document's last token is trained to predict the next document's first."""
+    ids, labels = batch(vocab, b=2, t=16)
+    pos = torch.tensor(PACKED_POSITIONS)
+    labels[pos == 0] = -100
+    return ids, labels, pos
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("via", sorted(_COMPILERS))
+def test_packed_sequences_keep_their_mask_fuse_the_loss_and_match_eager(via):
+    """model(input_ids, labels, position_ids) with restarting positions, as the Trainer runs it (config.use_cache
+    False: transformers detects packing only without a cache) builds a block-diagonal causal mask from the position
+    ids. It is data: `causal_sdpa` must not make it is_causal, and the fused loss must still replace the lm_head."""
+    import transformers.masking_utils as mu
+
+    model = mini_model("llama")
+    model.config.use_cache = False
+    ids, labels, pos = _packed_batch(model.config.vocab_size)
+    ref = train_step(model, ids, labels, position_ids=pos)
+    with pytest.MonkeyPatch.context() as mp:  # the test can tell: documents seeing each other change the grads
+        mp.setattr(mu, "find_packed_sequence_indices", lambda position_ids: None)
+        assert _max_grad_diff(train_step(model, ids, labels, position_ids=pos), ref) > 1e-2
+    fn = _COMPILERS[via](copy.deepcopy(model))
+    _assert_steps_equal(train_step(fn, ids, labels, position_ids=pos), ref)
+    _assert_no_mask_made_causal()
+    assert counters["liger_fx"]["fused_linear_cross_entropy"] == len(liger_fx.get_records()) == 1
+
