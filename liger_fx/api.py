@@ -18,6 +18,9 @@ What it does, and why:
 - In that same training step `use_cache` defaults to False where the model takes it: a KV cache is never read in a
   training step, and with gradient checkpointing on, transformers' "use_cache=True is incompatible" `warning_once`
   is a graph break that cut the model from its lm_head (2 graphs instead of 1, seen on transformers 5.24).
+  Not when the caller gives position ids: transformers looks for packed sequences in them (documents restarting at
+  0, which get a block-diagonal mask) only when there is no cache, so there the default would change the math
+  (a packed llama step: loss 4.8902 with the cache off against eager's 4.8871 with the config's use_cache=True).
 - A hooked input embedding runs eagerly, just before the compiled forward, which then gets `inputs_embeds`:
   gradient checkpointing makes transformers (and PEFT) hook the embedding with `output.requires_grad_(True)`, which
   Dynamo cannot trace when the embedding is frozen (LoRA): 7 graph breaks and frames skipped to eager on a tiny
@@ -130,6 +133,7 @@ def _make_forward(target: torch.nn.Module) -> Callable:
     cls_forward = type(target).forward
     params = list(inspect.signature(cls_forward).parameters)
     labels_at = params.index("labels") - 1 if "labels" in params else None  # -1: self is bound
+    positions_at = params.index("position_ids") - 1 if "position_ids" in params else None
     takes_use_cache = "use_cache" in params
     takes_embeds = "inputs_embeds" in params
     config = getattr(target, "config", None)
@@ -145,7 +149,9 @@ def _make_forward(target: torch.nn.Module) -> Callable:
         if skip and not has_labels:
             raise ValueError("liger_fx: skip_logits=True needs labels (or shift_labels): without them the model "
                              "computes no loss and would return nothing")
-        if skip and self.training and takes_use_cache and "use_cache" not in kwargs:
+        positions_given = kwargs.get("position_ids") is not None or (
+            positions_at is not None and len(args) > positions_at and args[positions_at] is not None)
+        if skip and self.training and takes_use_cache and "use_cache" not in kwargs and not positions_given:
             kwargs["use_cache"] = False
         # Not for encoders: RoBERTa-style models derive position ids from input_ids' padding, and from
         # inputs_embeds they would number padded positions as real ones.
