@@ -91,3 +91,43 @@ def test_apply_keeps_the_mask_eager_builds_when_the_config_keeps_a_cache():
     _assert_steps_equal(train_step(fn, ids, labels, position_ids=pos), ref)
     _assert_no_mask_made_causal()
     assert counters["liger_fx"]["fused_linear_cross_entropy"] == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sliding windows mixed with full layers, softcapped attention. Windows of 8 over 16 tokens, so they cut.
+
+WINDOWED = {
+    # every layer sliding, SDPA
+    "mistral": dict(sliding_window=8),
+    # layer 0 full, layer 1 sliding (max_window_layers), SDPA: a causal mask and a window mask in one graph
+    "qwen2": dict(use_sliding_window=True, sliding_window=8, max_window_layers=1),
+    # sliding and full layers alternating, attention scores softcapped at 50 and logits at 30, eager attention
+    "gemma2": dict(sliding_window=8),
+}
+
+
+def _sliding_layers(config) -> list[int]:
+    types = getattr(config, "layer_types", None) or ["sliding_attention"] * config.num_hidden_layers
+    return [i for i, t in enumerate(types) if t == "sliding_attention"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("via,model_type", [("torch_compile", t) for t in WINDOWED] + [("apply", "qwen2")])
+def test_sliding_window_and_softcapped_layers_train_like_eager(via, model_type):
+    model = mini_model(model_type, **WINDOWED[model_type])
+    sliding = _sliding_layers(model.config)
+    assert sliding and (model_type == "mistral" or len(sliding) < model.config.num_hidden_layers)
+    ids, labels = batch(model.config.vocab_size, t=16)
+    ref = train_step(model, ids, labels)
+    # the window cuts at this length: the same weights with a window past the sequence give other grads
+    unwindowed = mini_model(model_type, **{**WINDOWED[model_type], "sliding_window": 64})
+    assert _max_grad_diff(train_step(unwindowed, ids, labels), ref) > 1e-2
+    fn = _COMPILERS[via](copy.deepcopy(model))
+    _assert_steps_equal(train_step(fn, ids, labels), ref)
+    records = liger_fx.get_records()
+    assert records and not any(r.fallback for r in records), [r.summary() for r in records]
+    # a full layer's mask may become is_causal; a sliding layer's never
+    made_causal = [w for r in records for w in r.causal_sdpa]
+    assert not [w for w in made_causal for i in sliding if f"layers.{i}." in w + "."], made_causal
+    assert counters["liger_fx"]["causal_sdpa"] == len(made_causal)
+    assert counters["liger_fx"]["rms_norm"] and counters["liger_fx"]["fused_linear_cross_entropy"] == 1
