@@ -20,7 +20,7 @@ What it does, and why:
   is a graph break that cut the model from its lm_head (2 graphs instead of 1, seen on transformers 5.24).
   Not when the caller gives position ids: transformers looks for packed sequences in them (documents restarting at
   0, which get a block-diagonal mask) only when there is no cache, so there the default would change the math
-  (a packed llama step: loss 4.8902 with the cache off against eager's 4.8871 with the config's use_cache=True).
+  (the 2-layer mini Llama, packed: loss 4.8902 with the cache off, eager's 4.8871 with the config's use_cache=True).
 - A hooked input embedding runs eagerly, just before the compiled forward, which then gets `inputs_embeds`:
   gradient checkpointing makes transformers (and PEFT) hook the embedding with `output.requires_grad_(True)`, which
   Dynamo cannot trace when the embedding is frozen (LoRA): 7 graph breaks and frames skipped to eager on a tiny
