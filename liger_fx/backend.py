@@ -10,8 +10,8 @@ Dynamo hands us its FX graph and example inputs. We
      (rewrite.tag_recompute; option `recompute`),
   3. hand the result to Inductor (compile_fx), which does AOTAutograd and fuses everything else; under DDP, when
      DDP's whole graph was handed to us (distributed.split_after_rewrite), first cut it at DDP's gradient buckets.
-If 1-2 raise, we log one warning and compile Dynamo's untouched graph: a model that compiles with Inductor never
-fails with liger.
+If 1-2 raise, or 3 raises on the rewritten graph, we log one warning and compile Dynamo's untouched graph: a model
+that compiles with Inductor never fails with liger.
 """
 
 from __future__ import annotations
@@ -100,19 +100,44 @@ def liger_backend(gm: fx.GraphModule, example_inputs, options: dict | None = Non
         if ddp_module is not None:
             distributed.carry_dynamo_meta(gm, compiled_gm)  # what DDPOptimizer reads from Dynamo's graph
     except Exception as e:  # the fallback is the product's promise: never worse than Inductor
-        record.fallback = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        record.replaced.clear()
-        record.misses.clear()
-        record.causal_sdpa = []
-        log.warning("liger_fx: rewrite of graph %d failed (%s); compiling it with plain Inductor",
-                    record.index, record.fallback)
+        _fall_back(record, "rewrite", e)
         compiled_gm = gm
-    for r in record.replaced:  # counted only once the graph is committed to, so a fallback counts nothing
+    compile_one = functools.partial(compile_fx, config_patches=patches or None)
+
+    def compile_graph(graph: fx.GraphModule):
+        if ddp_module is not None:  # cut now, at DDP's buckets: no boundary can fall inside a fused op
+            return distributed.compile_in_buckets(graph, example_inputs, ddp_module, compile_one, record)
+        return compile_one(graph, example_inputs)
+
+    if compiled_gm is not gm:
+        # A rewritten graph that fails to compile falls back too: a fused op whose fake or autograd formula raises
+        # where its guards let a case through fails in AOTAutograd's trace of forward and backward, here. (Inductor
+        # compiles the backward's kernels at the first backward, out of this reach.) Errors that the untouched graph
+        # also raises stay Inductor's own.
+        try:
+            compiled = compile_graph(compiled_gm)
+        except Exception as e:
+            _fall_back(record, "compiling the rewrite", e)
+        else:
+            _commit(record)
+            return compiled
+    _commit(record)
+    return compile_graph(gm)
+
+
+def _fall_back(record: rewrite.GraphRecord, step: str, e: Exception) -> None:
+    record.fallback = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    record.replaced.clear()
+    record.misses.clear()
+    record.causal_sdpa = []
+    log.warning("liger_fx: %s of graph %d failed (%s); compiling it with plain Inductor",
+                step, record.index, record.fallback)
+
+
+def _commit(record: rewrite.GraphRecord) -> None:
+    """Count the graph's replacements once it is compiled as rewritten, so a fallback counts nothing."""
+    for r in record.replaced:
         counters["liger_fx"][r.flag] += 1
     if record.causal_sdpa:
         counters["liger_fx"]["causal_sdpa"] += len(record.causal_sdpa)
     log.info(record.summary())
-    compile_one = functools.partial(compile_fx, config_patches=patches or None)
-    if ddp_module is not None:  # cut now, at DDP's buckets: no boundary can fall inside a fused op
-        return distributed.compile_in_buckets(compiled_gm, example_inputs, ddp_module, compile_one, record)
-    return compile_one(compiled_gm, example_inputs)

@@ -3,6 +3,7 @@ changing sequence lengths, batch 1 and sequence length 1, generation, gradient c
 Llama (hidden 64, 2 layers), against eager."""
 
 import copy
+import functools
 import itertools
 import logging
 
@@ -126,9 +127,40 @@ def _fault_corrupts_graph(monkeypatch):
     return "used before it has been defined"
 
 
+@functools.cache
+def _op_without_fake():
+    """An op whose fake (meta) implementation raises, as a fused op's would on a case its guards let through."""
+
+    @torch.library.custom_op("liger_fx_test::fake_raises", mutates_args=())
+    def op(x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @op.register_fake
+    def _(x):
+        raise RuntimeError("injected fake failure")
+
+    return torch.ops.liger_fx_test.fake_raises.default
+
+
+def _fault_in_compiling_the_rewrite(monkeypatch):
+    """Every rewrite succeeds, then AOTAutograd's trace of the rewritten graph raises (in an op's fake): the model
+    must still compile, with plain Inductor."""
+    op = _op_without_fake()
+
+    def wrap_norm(gm, config, record):
+        norm = next(n for n in gm.graph.nodes if n.target is torch.ops.liger_fx.rms_norm.default)
+        with gm.graph.inserting_after(norm):
+            wrapped = gm.graph.call_function(op, (norm,))
+        norm.replace_all_uses_with(wrapped, delete_user_cb=lambda user: user is not wrapped)
+
+    monkeypatch.setattr(backend, "PASSES", [*backend.passes(), ("wrap_norm", wrap_norm)])
+    return "injected fake failure"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("inject", [_fault_between_families, _fault_in_third_replacement,
-                                    _fault_after_loss_replacement, _fault_corrupts_graph],
+                                    _fault_after_loss_replacement, _fault_corrupts_graph,
+                                    _fault_in_compiling_the_rewrite],
                          ids=lambda f: f.__name__[len("_fault_"):])
 def test_fault_mid_graph_falls_back_with_one_warning_and_trains_like_eager(inject, monkeypatch, caplog):
     message = inject(monkeypatch)
