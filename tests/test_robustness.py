@@ -1,6 +1,6 @@
 """The whole pipeline where users push it (issue 16, section 3): a rewrite that raises part-way through a graph,
 changing sequence lengths, batch 1 and sequence length 1, generation, gradient checkpointing. Each on the tiny
-Llama (hidden 64, 2 layers), against eager."""
+Llama (hidden 64, 1 or 2 layers), against eager."""
 
 import copy
 import functools
@@ -40,8 +40,8 @@ def _assert_steps_equal(got, ref, what=""):
 
 
 def _train(model, ids, labels, steps=3, lr=0.5):
-    """A few SGD steps; returns the losses and the final parameters. lr 0.5 moves the tiny model's loss by ~0.1 a
-    step, so each step really runs on the weights the previous one made."""
+    """A few SGD steps; returns the losses and the final parameters. lr 0.5 moves the tiny Llama's loss by ~0.5 a
+    step (4.892, 4.420, 4.822), so each step really runs on the weights the previous one made."""
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     losses = []
     for _ in range(steps):
