@@ -3,6 +3,12 @@
     out[..., :rd] = x[..., :rd] * cos + rotate_half(x[..., :rd]) * sin,   rotate_half(u) = cat(-u2, u1)
     out[..., rd:] = x[..., rd:]                                           (partial rotary, rd = cos.shape[-1])
 
+The rotated pairs are (i, i + rd/2) by default ("halves", HF's rotate_half). `x_pairs=True` reads them as interleaved
+pairs (2i, 2i + 1) instead (GPT-J, GLM, Cohere, complex-number RoPE as in Meta's Llama), `y_pairs=True` writes
+them so, and the tables are laid out as the result: both True is the interleaved rotation; `x_pairs` alone reads
+interleaved pairs and writes halves, which is DeepSeek's (HF's `apply_rotary_pos_emb_interleave`; the result feeds
+attention as halves, consistently for q and k).
+
 `cos`/`sin` are passed already broadcastable to x (HF's `cos.unsqueeze(unsqueeze_dim)`), not 3-D plus a dim: in HF
 the one unsqueeze feeds both q and k, so it sits outside either match, and a model that precomputes (1, 1, T, D)
 tables needs no unsqueeze at all. One of x's non-channel axes must be broadcast in cos (the head axis).
@@ -33,29 +39,44 @@ from ._library import triton_library_op
 
 
 @triton.jit
+def _pair_cols(cols, HALF: tl.constexpr, PAIRS: tl.constexpr):
+    """The channels of rotated pair i: (2i, 2i + 1) when PAIRS (interleaved), else (i, i + HALF). Interleaved loads
+    are stride-2 but the two of a pair share their cache lines, so a row still moves its bytes once."""
+    if PAIRS:
+        first = 2 * cols
+        second = first + 1
+    else:
+        first = cols
+        second = cols + HALF
+    return first, second
+
+
+@triton.jit
 def _rope_heads(
     X, Y, off_x, off_y, stride_xh, stride_yh, H, b_c1, b_c2, b_s1, b_s2,
-    D: tl.constexpr, HALF: tl.constexpr, BACKWARD: tl.constexpr,
+    D: tl.constexpr, HALF: tl.constexpr, BACKWARD: tl.constexpr, IN_PAIRS: tl.constexpr, OUT_PAIRS: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
 ):
     """Rotate the H heads of one (batch, position) row, BLOCK_H heads at a time."""
     cols = tl.arange(0, BLOCK_HALF)
     col_mask = cols < HALF
+    in1, in2 = _pair_cols(cols, HALF, IN_PAIRS)
+    out1, out2 = _pair_cols(cols, HALF, OUT_PAIRS)
     for h0 in range(0, H, BLOCK_H):
         heads = h0 + tl.arange(0, BLOCK_H)
         mask = (heads < H)[:, None] & col_mask[None, :]
-        p_x = X + off_x + heads[:, None] * stride_xh + cols[None, :]
-        p_y = Y + off_y + heads[:, None] * stride_yh + cols[None, :]
-        b_x1 = tl.load(p_x, mask=mask, other=0.0).to(tl.float32)
-        b_x2 = tl.load(p_x + HALF, mask=mask, other=0.0).to(tl.float32)
+        p_x = X + off_x + heads[:, None] * stride_xh
+        p_y = Y + off_y + heads[:, None] * stride_yh
+        b_x1 = tl.load(p_x + in1[None, :], mask=mask, other=0.0).to(tl.float32)
+        b_x2 = tl.load(p_x + in2[None, :], mask=mask, other=0.0).to(tl.float32)
         if BACKWARD:  # the transpose of [[c1, -s1], [s2, c2]]
             b_y1 = b_x1 * b_c1 + b_x2 * b_s2
             b_y2 = b_x2 * b_c2 - b_x1 * b_s1
         else:
             b_y1 = b_x1 * b_c1 - b_x2 * b_s1
             b_y2 = b_x2 * b_c2 + b_x1 * b_s2
-        tl.store(p_y, b_y1.to(Y.dtype.element_ty), mask=mask)
-        tl.store(p_y + HALF, b_y2.to(Y.dtype.element_ty), mask=mask)
+        tl.store(p_y + out1[None, :], b_y1.to(Y.dtype.element_ty), mask=mask)
+        tl.store(p_y + out2[None, :], b_y2.to(Y.dtype.element_ty), mask=mask)
         if BLOCK_PASS > 0:  # channels past the rotary dim are copied (cast to the output dtype)
             pcols = 2 * HALF + tl.arange(0, BLOCK_PASS)
             pmask = (heads < H)[:, None] & (pcols < D)[None, :]
@@ -71,28 +92,31 @@ def _rope_kernel(
     stride_c0, stride_c2, stride_s0, stride_s2,
     N2, HX, HK,
     D: tl.constexpr, HALF: tl.constexpr, HAS_K: tl.constexpr, BACKWARD: tl.constexpr,
+    IN_PAIRS: tl.constexpr, OUT_PAIRS: tl.constexpr, TABLE_PAIRS: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
 ):
     # Axis 1 is the head axis (cos is broadcast along it); a program owns one (axis 0, axis 2) position.
+    # IN_PAIRS, OUT_PAIRS, TABLE_PAIRS: whether what it reads, what it writes and cos/sin hold interleaved pairs.
     pid = tl.program_id(0).to(tl.int64)
     i0 = pid // N2
     i2 = pid % N2
     cols = tl.arange(0, BLOCK_HALF)
     col_mask = cols < HALF
-    p_c = COS + i0 * stride_c0 + i2 * stride_c2 + cols
-    p_s = SIN + i0 * stride_s0 + i2 * stride_s2 + cols
-    b_c1 = tl.load(p_c, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    b_c2 = tl.load(p_c + HALF, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    b_s1 = tl.load(p_s, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    b_s2 = tl.load(p_s + HALF, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    t1, t2 = _pair_cols(cols, HALF, TABLE_PAIRS)
+    p_c = COS + i0 * stride_c0 + i2 * stride_c2
+    p_s = SIN + i0 * stride_s0 + i2 * stride_s2
+    b_c1 = tl.load(p_c + t1, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    b_c2 = tl.load(p_c + t2, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    b_s1 = tl.load(p_s + t1, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    b_s2 = tl.load(p_s + t2, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     _rope_heads(
         X, Y, i0 * stride_x0 + i2 * stride_x2, i0 * stride_y0 + i2 * stride_y2, stride_x1, stride_y1, HX,
-        b_c1, b_c2, b_s1, b_s2, D, HALF, BACKWARD, BLOCK_H, BLOCK_HALF, BLOCK_PASS,
+        b_c1, b_c2, b_s1, b_s2, D, HALF, BACKWARD, IN_PAIRS, OUT_PAIRS, BLOCK_H, BLOCK_HALF, BLOCK_PASS,
     )
     if HAS_K:
         _rope_heads(
             K, KY, i0 * stride_k0 + i2 * stride_k2, i0 * stride_ky0 + i2 * stride_ky2, stride_k1, stride_ky1, HK,
-            b_c1, b_c2, b_s1, b_s2, D, HALF, BACKWARD, BLOCK_H, BLOCK_HALF, BLOCK_PASS,
+            b_c1, b_c2, b_s1, b_s2, D, HALF, BACKWARD, IN_PAIRS, OUT_PAIRS, BLOCK_H, BLOCK_HALF, BLOCK_PASS,
         )
 
 
@@ -141,8 +165,9 @@ def rope_axes(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k: torch.Te
 TUNE: dict = {}  # launch overrides for bench sweeps: {"block_h": .., "num_warps": ..}
 
 
-def _launch(x, k, cos, sin, x_dtype, k_dtype, backward: bool):
-    """Shared by all four ops: rotate x (and k) with cos/sin; `backward` applies the transposed rotation."""
+def _launch(x, k, cos, sin, x_dtype, k_dtype, backward: bool, x_pairs: bool = False, y_pairs: bool = False):
+    """Shared by all four ops: rotate x (and k) with cos/sin; `backward` applies the transposed rotation, reading a
+    gradient laid out as the result (`y_pairs`) and writing one laid out as x (`x_pairs`)."""
     axis = max(rope_axes(x, cos, sin, k), key=lambda a: x.shape[a])  # the most heads per cos row
     nd = x.dim()
     D, rd = x.shape[-1], cos.shape[-1]
@@ -181,25 +206,27 @@ def _launch(x, k, cos, sin, x_dtype, k_dtype, backward: bool):
         c4.stride(0), c4.stride(2), s4.stride(0), s4.stride(2),
         N2, HX, HK,
         D=D, HALF=half, HAS_K=k is not None, BACKWARD=backward,
+        IN_PAIRS=y_pairs if backward else x_pairs, OUT_PAIRS=x_pairs if backward else y_pairs, TABLE_PAIRS=y_pairs,
         BLOCK_H=block_h, BLOCK_HALF=block_half, BLOCK_PASS=block_pass, num_warps=num_warps,
     )
     return y, ky
 
 
-def rope_fwd(x, cos, sin, out_dtype=None):
-    return _launch(x, None, cos, sin, out_dtype or _promote(x, cos, sin), None, False)[0]
+def rope_fwd(x, cos, sin, out_dtype=None, x_pairs=False, y_pairs=False):
+    return _launch(x, None, cos, sin, out_dtype or _promote(x, cos, sin), None, False, x_pairs, y_pairs)[0]
 
 
-def rope_bwd(dy, cos, sin, x_dtype):
-    return _launch(dy, None, cos, sin, x_dtype, None, True)[0]
+def rope_bwd(dy, cos, sin, x_dtype, x_pairs=False, y_pairs=False):
+    return _launch(dy, None, cos, sin, x_dtype, None, True, x_pairs, y_pairs)[0]
 
 
-def rope_qk_fwd(q, k, cos, sin, q_dtype=None, k_dtype=None):
-    return _launch(q, k, cos, sin, q_dtype or _promote(q, cos, sin), k_dtype or _promote(k, cos, sin), False)
+def rope_qk_fwd(q, k, cos, sin, q_dtype=None, k_dtype=None, x_pairs=False, y_pairs=False):
+    return _launch(q, k, cos, sin, q_dtype or _promote(q, cos, sin), k_dtype or _promote(k, cos, sin), False,
+                   x_pairs, y_pairs)
 
 
-def rope_qk_bwd(dq, dk, cos, sin, q_dtype, k_dtype):
-    return _launch(dq, dk, cos, sin, q_dtype, k_dtype, True)
+def rope_qk_bwd(dq, dk, cos, sin, q_dtype, k_dtype, x_pairs=False, y_pairs=False):
+    return _launch(dq, dk, cos, sin, q_dtype, k_dtype, True, x_pairs, y_pairs)
 
 
 def _promote(x, cos, sin) -> torch.dtype:
@@ -216,23 +243,40 @@ def rotate_half(u: torch.Tensor) -> torch.Tensor:
     return torch.cat((-u[..., h:], u[..., :h]), dim=-1)
 
 
-def rope_ref(x, cos, sin, out_dtype=None):
-    """HF's formula in fp32, rounded once to `out_dtype` (default: the dtype eager would give)."""
+def to_halves(u: torch.Tensor) -> torch.Tensor:
+    """Interleaved pairs (u0, u1), (u2, u3), ... of the last dim to halves (u0, u2, ...; u1, u3, ...)."""
+    return u.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
+
+
+def to_pairs(u: torch.Tensor) -> torch.Tensor:
+    """The inverse of `to_halves`."""
+    return u.unflatten(-1, (2, -1)).transpose(-1, -2).flatten(-2)
+
+
+def rope_ref(x, cos, sin, out_dtype=None, x_pairs=False, y_pairs=False):
+    """HF's formula in fp32, rounded once to `out_dtype` (default: the dtype eager would give). Interleaved layouts
+    are the same rotation with the pairs permuted into halves before it and back after it."""
     out_dtype = out_dtype or _promote(x, cos, sin)
     rd = cos.shape[-1]
     xf, c, s = x.float(), cos.float(), sin.float()
-    rot = xf[..., :rd] * c + rotate_half(xf[..., :rd]) * s
-    return torch.cat((rot, xf[..., rd:]), dim=-1).to(out_dtype)
+    xr = to_halves(xf[..., :rd]) if x_pairs else xf[..., :rd]
+    c, s = (to_halves(c), to_halves(s)) if y_pairs else (c, s)
+    rot = xr * c + rotate_half(xr) * s
+    return torch.cat((to_pairs(rot) if y_pairs else rot, xf[..., rd:]), dim=-1).to(out_dtype)
 
 
-def rope_ref_backward(dy, cos, sin, x_dtype):
-    """dx = dy*cos + R^T(dy*sin), R^T(u) = cat(u2, -u1): the transpose of the rotation (by -sin for HF tables)."""
+def rope_ref_backward(dy, cos, sin, x_dtype, x_pairs=False, y_pairs=False):
+    """dx = dy*cos + R^T(dy*sin), R^T(u) = cat(u2, -u1): the transpose of the rotation (by -sin for HF tables). dy
+    is laid out as the result (`y_pairs`), dx as x (`x_pairs`)."""
     rd = cos.shape[-1]
     h = rd // 2
     g, c, s = dy.float(), cos.float(), sin.float()
-    gs = g[..., :rd] * s
-    rot = g[..., :rd] * c + torch.cat((gs[..., h:], -gs[..., :h]), dim=-1)
-    return torch.cat((rot, g[..., rd:]), dim=-1).to(x_dtype)
+    gr = g[..., :rd]
+    if y_pairs:
+        gr, c, s = to_halves(gr), to_halves(c), to_halves(s)
+    gs = gr * s
+    rot = gr * c + torch.cat((gs[..., h:], -gs[..., :h]), dim=-1)
+    return torch.cat((to_pairs(rot) if x_pairs else rot, g[..., rd:]), dim=-1).to(x_dtype)
 
 
 def _cpu(fn, like, dtype, *args):
@@ -246,48 +290,59 @@ def _cpu(fn, like, dtype, *args):
 # The library ops
 
 
-def _rope_cpu(x, cos, sin, out_dtype):
+# x_pairs / y_pairs (default False, HF's halves): the layouts of x and of the result, see the module docstring.
+
+
+def _rope_cpu(x, cos, sin, out_dtype, x_pairs=False, y_pairs=False):
     rope_axes(x, cos, sin)
-    return _cpu(rope_ref, x, out_dtype, x, cos, sin, out_dtype)
+    return _cpu(rope_ref, x, out_dtype, x, cos, sin, out_dtype, x_pairs, y_pairs)
 
 
 @triton_library_op("liger_fx::rope", cpu=_rope_cpu)
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    return rope_fwd(x, cos, sin, out_dtype)
+def _rope(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out_dtype: torch.dtype, x_pairs: bool = False,
+    y_pairs: bool = False,
+) -> torch.Tensor:
+    return rope_fwd(x, cos, sin, out_dtype, x_pairs, y_pairs)
 
 
-def _rope_backward_cpu(dy, cos, sin, x_dtype):
-    return _cpu(rope_ref_backward, dy, x_dtype, dy, cos, sin, x_dtype)
+def _rope_backward_cpu(dy, cos, sin, x_dtype, x_pairs=False, y_pairs=False):
+    return _cpu(rope_ref_backward, dy, x_dtype, dy, cos, sin, x_dtype, x_pairs, y_pairs)
 
 
 @triton_library_op("liger_fx::rope_backward", cpu=_rope_backward_cpu)
-def _rope_backward(dy: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, x_dtype: torch.dtype) -> torch.Tensor:
-    return rope_bwd(dy, cos, sin, x_dtype)
+def _rope_backward(
+    dy: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, x_dtype: torch.dtype, x_pairs: bool = False,
+    y_pairs: bool = False,
+) -> torch.Tensor:
+    return rope_bwd(dy, cos, sin, x_dtype, x_pairs, y_pairs)
 
 
-def _rope_qk_cpu(q, k, cos, sin, q_dtype, k_dtype):
+def _rope_qk_cpu(q, k, cos, sin, q_dtype, k_dtype, x_pairs=False, y_pairs=False):
     rope_axes(q, cos, sin, k)
-    return _cpu(rope_ref, q, q_dtype, q, cos, sin, q_dtype), _cpu(rope_ref, k, k_dtype, k, cos, sin, k_dtype)
+    return (_cpu(rope_ref, q, q_dtype, q, cos, sin, q_dtype, x_pairs, y_pairs),
+            _cpu(rope_ref, k, k_dtype, k, cos, sin, k_dtype, x_pairs, y_pairs))
 
 
 @triton_library_op("liger_fx::rope_qk", cpu=_rope_qk_cpu)
 def _rope_qk(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_dtype: torch.dtype, k_dtype: torch.dtype
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_dtype: torch.dtype, k_dtype: torch.dtype,
+    x_pairs: bool = False, y_pairs: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return rope_qk_fwd(q, k, cos, sin, q_dtype, k_dtype)
+    return rope_qk_fwd(q, k, cos, sin, q_dtype, k_dtype, x_pairs, y_pairs)
 
 
-def _rope_qk_backward_cpu(dq, dk, cos, sin, q_dtype, k_dtype):
-    return (_cpu(rope_ref_backward, dq, q_dtype, dq, cos, sin, q_dtype),
-            _cpu(rope_ref_backward, dk, k_dtype, dk, cos, sin, k_dtype))
+def _rope_qk_backward_cpu(dq, dk, cos, sin, q_dtype, k_dtype, x_pairs=False, y_pairs=False):
+    return (_cpu(rope_ref_backward, dq, q_dtype, dq, cos, sin, q_dtype, x_pairs, y_pairs),
+            _cpu(rope_ref_backward, dk, k_dtype, dk, cos, sin, k_dtype, x_pairs, y_pairs))
 
 
 @triton_library_op("liger_fx::rope_qk_backward", cpu=_rope_qk_backward_cpu)
 def _rope_qk_backward(
     dq: torch.Tensor, dk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_dtype: torch.dtype,
-    k_dtype: torch.dtype,
+    k_dtype: torch.dtype, x_pairs: bool = False, y_pairs: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return rope_qk_bwd(dq, dk, cos, sin, q_dtype, k_dtype)
+    return rope_qk_bwd(dq, dk, cos, sin, q_dtype, k_dtype, x_pairs, y_pairs)
 
 
 def _refuse_table_grad(cos, sin):
@@ -297,40 +352,43 @@ def _refuse_table_grad(cos, sin):
 
 
 def _setup_rope(ctx, inputs, output):
-    x, cos, sin, _ = inputs
+    x, cos, sin, _, x_pairs, y_pairs = inputs
     _refuse_table_grad(cos, sin)
     ctx.save_for_backward(cos, sin)
-    ctx.x_dtype = x.dtype
+    ctx.x_dtype, ctx.pairs = x.dtype, (x_pairs, y_pairs)
 
 
 def _backward_rope(ctx, dy):
     cos, sin = ctx.saved_tensors
-    return torch.ops.liger_fx.rope_backward(dy, cos, sin, ctx.x_dtype), None, None, None
+    return torch.ops.liger_fx.rope_backward(dy, cos, sin, ctx.x_dtype, *ctx.pairs), None, None, None, None, None
 
 
 def _setup_rope_qk(ctx, inputs, output):
-    q, k, cos, sin, _, _ = inputs
+    q, k, cos, sin, _, _, x_pairs, y_pairs = inputs
     _refuse_table_grad(cos, sin)
     ctx.save_for_backward(cos, sin)
-    ctx.dtypes = (q.dtype, k.dtype)
+    ctx.dtypes, ctx.pairs = (q.dtype, k.dtype), (x_pairs, y_pairs)
 
 
 def _backward_rope_qk(ctx, dq, dk):
     cos, sin = ctx.saved_tensors
-    dq, dk = torch.ops.liger_fx.rope_qk_backward(dq, dk, cos, sin, *ctx.dtypes)
-    return dq, dk, None, None, None, None
+    dq, dk = torch.ops.liger_fx.rope_qk_backward(dq, dk, cos, sin, *ctx.dtypes, *ctx.pairs)
+    return dq, dk, None, None, None, None, None, None
 
 
 _rope.register_autograd(_backward_rope, setup_context=_setup_rope)
 _rope_qk.register_autograd(_backward_rope_qk, setup_context=_setup_rope_qk)
 
 
-def rope(x, cos, sin, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def rope(x, cos, sin, out_dtype: torch.dtype | None = None, x_pairs: bool = False, y_pairs: bool = False):
     """Rotate x by cos/sin (broadcastable to x, e.g. HF's `cos.unsqueeze(1)` for (B, H, T, D) x); channels past
-    `cos.shape[-1]` pass through. Output dtype: `out_dtype`, default what eager would give."""
-    return torch.ops.liger_fx.rope(x, cos, sin, out_dtype or _promote(x, cos, sin))
+    `cos.shape[-1]` pass through. Output dtype: `out_dtype`, default what eager would give. `x_pairs`/`y_pairs`:
+    x's and the result's (and the tables') rotated channels are interleaved pairs rather than halves."""
+    return torch.ops.liger_fx.rope(x, cos, sin, out_dtype or _promote(x, cos, sin), x_pairs, y_pairs)
 
 
-def rope_qk(q, k, cos, sin, q_dtype: torch.dtype | None = None, k_dtype: torch.dtype | None = None):
+def rope_qk(q, k, cos, sin, q_dtype: torch.dtype | None = None, k_dtype: torch.dtype | None = None,
+            x_pairs: bool = False, y_pairs: bool = False):
     """`rope` of q and of k in one launch (their head counts may differ)."""
-    return torch.ops.liger_fx.rope_qk(q, k, cos, sin, q_dtype or _promote(q, cos, sin), k_dtype or _promote(k, cos, sin))
+    return torch.ops.liger_fx.rope_qk(q, k, cos, sin, q_dtype or _promote(q, cos, sin),
+                                      k_dtype or _promote(k, cos, sin), x_pairs, y_pairs)
