@@ -280,6 +280,8 @@ _DIM_ARGS = {
     aten.split_with_sizes.default: (2, False),
     aten.chunk.default: (2, False),
     aten.unsqueeze.default: (1, False),
+    aten.stack.default: (1, False),
+    aten.select.int: (1, False),
     aten._softmax.default: (1, False),
     aten.softmax.int: (1, False),
     aten.log_softmax.int: (1, False),
@@ -292,11 +294,11 @@ def normalize_dims(graph: fx.Graph) -> None:
         if spec is None:
             continue
         pos, is_list = spec
-        src = node.args[0][0] if node.target is aten.cat.default else node.args[0]
+        src = node.args[0][0] if node.target in (aten.cat.default, aten.stack.default) else node.args[0]
         val = _val(src)
         if not isinstance(val, torch.Tensor):
             continue
-        rank = val.dim() + (1 if node.target is aten.unsqueeze.default else 0)
+        rank = val.dim() + (1 if node.target in (aten.unsqueeze.default, aten.stack.default) else 0)
         args = list(node.args)
         if len(args) <= pos:
             continue
@@ -310,11 +312,97 @@ def normalize_dims(graph: fx.Graph) -> None:
         node.args = tuple(args)
 
 
+_RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unflatten.int,
+             aten.flatten.using_ints}
+
+
+def same_sizes(a, b) -> bool:
+    """Shapes equal without guarding on a symbolic size (a sequence length compares equal only to itself)."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b))
+
+
+def normalize_pair_views(graph: fx.Graph) -> None:
+    """The even/odd pairs of interleaved RoPE in one spelling each: a view, reshape or unflatten that splits the last
+    dim into (n, 2) becomes `unflatten(x, -1, [-1, 2])`, one that merges a trailing pair back becomes
+    `flatten(x, -2, -1)`, and `x.unbind(d)[i]` becomes `x.select(d, i)`.
+
+    Why: models write the same split as `x.reshape(*x.shape[:-1], -1, 2)` (Meta's Llama), `x.view(b, h, s, d // 2, 2)`
+    (DeepSeek), `x.unflatten(-1, (-1, 2))` or einops' `rearrange`, and the merge as `flatten(-2)`, `flatten(3)` or
+    `view(x.shape)`. Their size lists hold the batch and sequence length, as ints or as symbolic-size nodes, so a
+    pattern traced at one shape matches none of them; the canonical forms hold only -1, -2 and 2. Only tensors of 3
+    or more dims with a trailing pair of exactly 2 are touched (a q or k is 3-D or 4-D): a (B, T) label tensor's
+    `view(-1)` or a packed gate/up `view(..., 2, I)` stays as it was, for the families that walk through views.
+    All of these are views wherever the original was one (a split of one dim always is), so aliasing is unchanged.
+    """
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target is operator.getitem and _is(node.args[0], aten.unbind.int):
+            unbind = node.args[0]
+            dim = unbind.args[1] if len(unbind.args) > 1 else unbind.kwargs.get("dim", 0)
+            _replace(graph, node, aten.select.int, (unbind.args[0], dim, node.args[1]))
+            if not unbind.users:
+                graph.erase_node(unbind)
+            continue
+        if node.target not in _RESHAPES:
+            continue
+        src, out = _val(node.args[0]), _val(node)
+        if not isinstance(src, torch.Tensor) or not isinstance(out, torch.Tensor) or src.dim() < 3:
+            continue
+        if (out.dim() == src.dim() + 1 and same_sizes(out.shape[:-2], src.shape[:-1])  # splits the last dim
+                and same_sizes(out.shape[-1:], (2,)) and node.args[1:] != (-1, [-1, 2])):
+            _replace(graph, node, aten.unflatten.int, (node.args[0], -1, [-1, 2]))
+        elif (src.dim() >= 4 and out.dim() == src.dim() - 1 and same_sizes(out.shape[:-1], src.shape[:-2])  # merges
+              and same_sizes(src.shape[-1:], (2,)) and node.args[1:] != (-2, -1)):
+            _replace(graph, node, aten.flatten.using_ints, (node.args[0], -2, -1))
+
+
+def drop_full_slices(graph: fx.Graph) -> None:
+    """A slice that keeps every element (`x[:, :, :, ::2]`'s leading colons over a symbolic length; tracing drops
+    them only over static sizes) is x itself: the same storage, offset, sizes and strides. Seen: GPT-J's
+    rotate_every_two matched at a static length and missed at the dynamic one, its x1 being
+    `slice(slice(x, -3, 0, 2**63 - 1), -1, 0, 2**63 - 1, 2)` there."""
+    for node in list(graph.nodes):
+        if not _is(node, aten.slice.Tensor):
+            continue
+        start = node.args[2] if len(node.args) > 2 else 0
+        step = node.args[4] if len(node.args) > 4 else 1
+        out, src = _val(node), _val(node.args[0])
+        if (start in (0, None) and step == 1 and isinstance(out, torch.Tensor) and isinstance(src, torch.Tensor)
+                and same_sizes(out.shape, src.shape)):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+
+
+def dedupe_selects(graph: fx.Graph) -> None:
+    """One node per `select` of one tensor with equal arguments. Why: ChatGLM writes its rotation as
+    `xs[..., 0] * c - xs[..., 1] * s` and `xs[..., 1] * c + xs[..., 0] * s`, and tracing makes a node of each
+    `xs[..., 0]`, so the pattern, which uses x1 twice, sees two tensors. Two equal views of one tensor are one tensor
+    (the same memory). Selects only: merging equal slices too made the slices of a model's second, separate
+    `rotate_half(q)` shared with its rotation's, which then escaped the pattern (tests/patterns/test_rope.py,
+    test_rotate_half_used_elsewhere...: 1 of 2 rotations fused)."""
+    seen: dict = {}
+    for node in list(graph.nodes):
+        if not _is(node, aten.select.int):
+            continue
+        key = (node.args[0], repr(node.args[1:]), repr(sorted(node.kwargs.items())))
+        if key in seen:
+            node.replace_all_uses_with(seen[key])
+            graph.erase_node(node)
+        else:
+            seen[key] = node
+
+
 def canonicalize(graph: fx.Graph) -> None:
     normalize_casts(graph)
     normalize_arithmetic(graph)
     normalize_linear(graph)
+    drop_full_slices(graph)
+    normalize_pair_views(graph)  # before normalize_dims: the selects it makes take unbind's dim as written
     normalize_dims(graph)
+    dedupe_selects(graph)  # after normalize_dims: x[..., 0] and x[:, :, :, 0] are one view
     graph.eliminate_dead_code()
 
 
