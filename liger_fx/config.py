@@ -18,7 +18,8 @@ class LigerConfig:
     """Fuse RMSNorm (Llama and Gemma casting, q/k norms) into `liger_fx::rms_norm`."""
 
     rope: bool = True
-    """Fuse the rotate-half rotary embedding of q and k into `liger_fx::rope`."""
+    """Fuse the rotary embedding of q and k (rotate-half, interleaved pairs, half-width tables, complex freqs_cis)
+    into `liger_fx::rope`."""
 
     swiglu: bool = True
     """Fuse `silu(gate) * up` (split or packed gate/up, MoE experts) into `liger_fx::swiglu`."""
