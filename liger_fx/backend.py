@@ -24,6 +24,7 @@ from typing import Callable
 
 import torch
 import torch.fx as fx
+from torch._dynamo.exc import RestartAnalysis
 from torch._dynamo.utils import counters
 from torch._inductor.compile_fx import compile_fx
 
@@ -109,20 +110,27 @@ def liger_backend(gm: fx.GraphModule, example_inputs, options: dict | None = Non
             return distributed.compile_in_buckets(graph, example_inputs, ddp_module, compile_one, record)
         return compile_one(graph, example_inputs)
 
-    if compiled_gm is not gm:
-        # A rewritten graph that fails to compile falls back too: a fused op whose fake or autograd formula raises
-        # where its guards let a case through fails in AOTAutograd's trace of forward and backward, here. (Inductor
-        # compiles the backward's kernels at the first backward, out of this reach.) Errors that the untouched graph
-        # also raises stay Inductor's own.
-        try:
-            compiled = compile_graph(compiled_gm)
-        except Exception as e:
-            _fall_back(record, "compiling the rewrite", e)
-        else:
-            _commit(record)
-            return compiled
+    try:
+        if compiled_gm is not gm:
+            # A rewritten graph that fails to compile falls back too: a fused op whose fake or autograd formula
+            # raises where its guards let a case through fails in AOTAutograd's trace of forward and backward, here.
+            # (Inductor compiles the backward's kernels at the first backward, out of this reach.) Errors that the
+            # untouched graph also raises stay Inductor's own. A restart is no failure: Dynamo traces the frame again.
+            try:
+                compiled = compile_graph(compiled_gm)
+            except RestartAnalysis:
+                raise
+            except Exception as e:
+                _fall_back(record, "compiling the rewrite", e)
+            else:
+                _commit(record)
+                return compiled
+        compiled = compile_graph(gm)
+    except Exception as e:
+        _discard(record, e)
+        raise
     _commit(record)
-    return compile_graph(gm)
+    return compiled
 
 
 def _fall_back(record: rewrite.GraphRecord, step: str, e: Exception) -> None:
@@ -134,8 +142,20 @@ def _fall_back(record: rewrite.GraphRecord, step: str, e: Exception) -> None:
                 step, record.index, record.fallback)
 
 
+def _discard(record: rewrite.GraphRecord, e: Exception) -> None:
+    """Forget a graph whose compile raised: it never runs, so its record and counts would describe nothing. Dynamo
+    restarts its trace (RestartAnalysis; under dynamic=True with the float inputs no tensor arithmetic consumed
+    specialized: a fused norm's eps, SDPA's scale, so plain Inductor restarts an HF Llama too), runs the frame
+    eagerly (a data-dependent op Inductor cannot trace: 21 Mixtral graphs on torch 2.11 + transformers 5.17, plain
+    Inductor alike), or the error reaches the user. Counted, the restart made a dynamic=True Llama count rope 8 for
+    its 4 sites."""
+    rewrite.RECORDS.remove(record)
+    log.info("liger_fx: graph %d discarded: compiling it raised %s (Dynamo traces the frame again or runs it "
+             "eagerly)", record.index, type(e).__name__)
+
+
 def _commit(record: rewrite.GraphRecord) -> None:
-    """Count the graph's replacements once it is compiled as rewritten, so a fallback counts nothing."""
+    """Count the graph's replacements once it is compiled, so a fallback or a discarded attempt counts nothing."""
     for r in record.replaced:
         counters["liger_fx"][r.flag] += 1
     if record.causal_sdpa:
