@@ -36,6 +36,8 @@ from torch._inductor.pattern_matcher import (
     fx_to_pattern,
     register_graph_pattern,
 )
+from torch.fx.experimental.symbolic_shapes import guard_scalar
+from torch.utils._sympy.symbol import SymT, symbol_is_type
 
 from .canonicalize import mark_in_code, trace_pattern, where
 from .config import LigerConfig
@@ -191,7 +193,8 @@ def _check(p: Pattern, match: Match) -> bool:
 
 def _handle(p: Pattern, match: Match, *args, **kwargs) -> None:
     site = where(match.output_node())
-    values = [match.kwargs[name] for name in p.argnames]
+    # A captured scalar that is a float input of the graph (dynamic=True) enters the replacement as its constant.
+    values = [specialize(match.kwargs[name]) if name in p.scalars else match.kwargs[name] for name in p.argnames]
     match.replace_by_example(p.replace, values, trace_fn=trace_pattern)
     if _Run.current is not None:
         _Run.current.record.replaced.append(Rewrite(p.flag, p.name, site))
@@ -204,6 +207,50 @@ def record_replacement(flag: str, pattern: str, node: fx.Node) -> None:
     if _Run.current is not None:
         _Run.current.record.replaced.append(Rewrite(flag, pattern, where(node)))
     log.debug("liger_fx: %s replaced at %s (%s)", flag, where(node), pattern)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Scalars captured from the graph.
+
+
+def _symbolic_scalar(value):
+    """The SymFloat a graph node carries when it is computed from float inputs of the graph alone (backed, with a
+    hint), else None. Not a SymInt: pinning one that depends on a sequence length would recompile per length."""
+    v = value.meta.get("val") if isinstance(value, fx.Node) else None
+    if not isinstance(v, torch.SymFloat) or not v.node.has_hint():
+        return None
+    free = v.node.expr.free_symbols  # none once `specialize` pinned it (two norms reading one eps)
+    return v if all(symbol_is_type(s, SymT.FLOAT) for s in free) else None
+
+
+def scalar_hint(value):
+    """The number a captured scalar (an RMSNorm's eps, a softcap) stands for, or None when it is not a number known
+    at compile time.
+
+    A constant is itself. Under `torch.compile(..., dynamic=True)` Dynamo does not bake a float attribute of a
+    module into the graph: `self.variance_epsilon` becomes a 0-d fp64 tensor input read by `aten.item`, a backed
+    SymFloat whose hint is the attribute's value (torch 2.11 and 2.13 alike). That is a number too: its hint is
+    what the guard in `specialize` will pin. A tensor, a value computed from a tensor at run time (unbacked, e.g.
+    `.item()` of data under capture_scalar_outputs) or one that depends on a size is not: None."""
+    if isinstance(value, (bool, int, float)):
+        return value
+    sym = _symbolic_scalar(value)
+    return None if sym is None else sym.node.hint
+
+
+def specialize(value):
+    """`scalar_hint`'s number for a scalar a replacement consumes, guarding that it stays so: the fused op then gets
+    a compile-time constant, exactly as in a static compile (the kernels take eps as a plain fp32 scalar argument).
+
+    Why a guard and not a tensor argument: Dynamo's tensorify pass (AOTAutograd, torch 2.11 and 2.13) keeps a float
+    input dynamic only where it feeds tensor arithmetic (add/mul/...); a float input any other op consumes, even as
+    the 0-d tensor itself, makes Dynamo restart the frame with that float specialized (checked on both versions: a
+    backend passing the eps tensor straight to an op got its restart and a constant eps), so a tensor-eps op would
+    only ever run in the attempt Dynamo throws away. The guard makes the rewrite correct on its own, restart or
+    not: the compiled code is reused only for the same eps, and a new eps recompiles as in a static compile.
+    Anything else is returned as it is."""
+    sym = _symbolic_scalar(value)
+    return guard_scalar(sym) if sym is not None else value
 
 
 _NO_GRAD = {torch.ops.aten.detach.default, torch.ops.aten.arange.default, torch.ops.aten.arange.start,

@@ -7,7 +7,8 @@
 
 One search function per convention; the variants (dtype, operand order) are generated, not cloned. In an fp32 model
 the casts vanish after canonicalization, so the fp32 variants are the same functions traced at fp32. eps and the
-Gemma offset are captured from the graph, not fixed.
+Gemma offset are captured from the graph, not fixed; under `dynamic=True` Dynamo makes the module's eps a float
+input of the graph, which the replacement pins as a constant (rewrite.specialize).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import itertools
 import torch
 import torch.fx as fx
 
-from liger_fx.rewrite import Pattern
+from liger_fx.rewrite import Pattern, scalar_hint
 
 aten = torch.ops.aten
 
@@ -62,8 +63,10 @@ def _gemma(weight_first: bool):
 
 
 def _check(match) -> str | None:
-    x, w, eps = match.kwargs["x"], match.kwargs["w"], match.kwargs["eps"]
-    if not isinstance(eps, (int, float)) or not isinstance(match.kwargs.get("offset", 0.0), (int, float)):
+    x, w = match.kwargs["x"], match.kwargs["w"]
+    # A constant, or a float input of the graph (dynamic=True makes the module's eps one): the replacement gets it
+    # as a constant, guarded (rewrite.specialize).
+    if scalar_hint(match.kwargs["eps"]) is None or scalar_hint(match.kwargs.get("offset", 0.0)) is None:
         return "eps or offset is a tensor, not a constant"
     xv, wv = x.meta.get("val"), w.meta.get("val")
     if xv is None or wv is None:
@@ -134,7 +137,7 @@ def explain(rsqrt: fx.Node) -> str:
         return f"mean of squares reduces dims {dims}, not the last dim alone"
     if not (len(mean.args) > 2 and mean.args[2]) and not mean.kwargs.get("keepdim"):
         return "mean of squares without keepdim=True"
-    if isinstance(eps, fx.Node):
+    if scalar_hint(eps) is None:
         return "eps is a tensor, not a constant"
     users = list(rsqrt.users)
     if len(users) != 1:

@@ -166,3 +166,66 @@ def test_norm_of_transposed_view_trains():
     assert replaced("rms_norm") == 1
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(gw, gw_ref, atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dynamic=True: Dynamo makes a float attribute (the eps) a graph input, a 0-d fp64 tensor read by `aten.item`
+
+
+class SharedEpsNorms(nn.Module):
+    """Two norms reading one float attribute, the way an HF norm keeps `variance_epsilon`."""
+
+    def __init__(self, n=16, eps=1e-2):
+        super().__init__()
+        self.w1, self.w2 = nn.Parameter(torch.rand(n) + 0.5), nn.Parameter(torch.rand(n) + 0.5)
+        self.eps = eps
+
+    def _norm(self, x, w):
+        xf = x.float()
+        return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+    def forward(self, x):
+        return self._norm(self._norm(x, self.w1) * 1e-2, self.w2)
+
+
+def test_dynamic_eps_is_fused_and_pinned_by_a_guard():
+    """The fused op takes the eps it was compiled with as a constant; a guard makes a new eps recompile (as a static
+    compile does) instead of reusing it. Activations of ~1e-2 make eps matter: mean(x^2) ~1e-4 against 1e-2."""
+    torch.manual_seed(0)
+    m = SharedEpsNorms()
+    x = (torch.randn(3, 5, 16) * 1e-2).requires_grad_()
+    fn = torch.compile(m, backend="liger", dynamic=True)
+    for eps in (1e-2, 1e-6, 1e-2):  # the third reuses the first graph
+        m.eps = eps
+        params = (x, m.w1, m.w2)
+        ref = m(x).sum()
+        ref_grads = torch.autograd.grad(ref, params)
+        out = fn(x).sum()
+        grads = torch.autograd.grad(out, params)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4)
+    records = liger_fx.get_records()
+    assert [r.counts() for r in records] == [{"rms_norm": (2, 2)}] * 2, [r.summary() for r in records]
+    assert replaced("rms_norm") == 4
+
+
+class BufferEpsNorm(nn.Module):
+    def __init__(self, n=16):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(n) + 0.5)
+        self.register_buffer("eps", torch.tensor(1e-6))
+
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
+def test_tensor_eps_stays_a_near_miss_under_dynamic():
+    """A real tensor eps (a buffer) is not a float input of the graph: no constant to pin, so no fusion."""
+    m = BufferEpsNorm()
+    x = torch.randn(3, 5, 16)
+    out = torch.compile(m, backend="liger", dynamic=True)(x)
+    torch.testing.assert_close(out, m(x), atol=1e-5, rtol=1e-4)
+    assert replaced("rms_norm") == 0
+    (miss,) = [m for rec in liger_fx.get_records() for m in rec.misses]
+    assert "eps or offset is a tensor" in miss.reason, miss.reason
