@@ -44,7 +44,7 @@ from torch._guards import detect_fake_mode
 from torch._inductor.pattern_matcher import stable_topological_sort
 
 from liger_fx.canonicalize import val as _val
-from liger_fx.rewrite import Pattern, record_replacement
+from liger_fx.rewrite import Pattern, record_replacement, scalar_hint, specialize
 
 aten = torch.ops.aten
 FLCE, CE = "fused_linear_cross_entropy", "cross_entropy"
@@ -76,12 +76,13 @@ class _Loss:
     row_slices: list = field(default_factory=list)  # slices of non-vocabulary dims, moved onto h (last first)
     reason: str | None = None  # why neither op can take this loss
     linear_reason: str | None = None  # why the fused linear op cannot (source is not a usable linear)
+    symbolic: list = field(default_factory=list)  # float inputs of the graph folded into softcap/scale (dynamic=True)
 
 
 def _tensor_arg(node: fx.Node) -> fx.Node:
     """The input the chain continues through: the first arg, or for `scalar * x` the second."""
     a = node.args[0]
-    return node.args[1] if _is(node, aten.mul.Tensor) and not isinstance(a, fx.Node) else a
+    return node.args[1] if _is(node, aten.mul.Tensor) and scalar_hint(a) is not None else a
 
 
 def _ce_args(ce: fx.Node) -> dict:
@@ -101,11 +102,14 @@ def _fold(chain: list[fx.Node]) -> tuple[float, float, str | None]:
                 return 0.0, 1.0, "two tanh between the lm_head and the loss"
             capped, post = True, pre  # tanh(a*x) = a * c * tanh(x / c) with c = 1/|a|
         elif _is(node, aten.mul.Tensor, aten.div.Tensor):
-            k = node.args[1] if isinstance(node.args[0], fx.Node) else node.args[0]
-            if isinstance(k, fx.Node) or isinstance(node.args[0], fx.Node) == isinstance(node.args[1], fx.Node):
+            # A constant, or a float input of the graph (dynamic=True makes Gemma2's final_logit_softcapping one),
+            # pinned by a guard when the loss is replaced (`_Loss.symbolic`).
+            a, b = scalar_hint(node.args[0]), scalar_hint(node.args[1])
+            if (a is None) == (b is None):
                 return 0.0, 1.0, f"the logits are scaled by a tensor ({node.target}), not a constant"
+            k = b if a is None else a
             if _is(node, aten.div.Tensor):
-                if not isinstance(node.args[0], fx.Node):
+                if a is not None:
                     return 0.0, 1.0, "a constant divided by the logits"
                 k = 1.0 / k
             if capped:
@@ -164,6 +168,7 @@ def _walk(x: fx.Node, V, out: _Loss) -> str | None:
         node = _tensor_arg(node)
     out.source = node
     out.softcap, out.scale, reason = _fold(chain[::-1])
+    out.symbolic = [a for n in chain for a in n.args[:2] if isinstance(a, fx.Node) and scalar_hint(a) is not None]
     sv = _val(node)
     if reason is None and (sv is None or not sv.is_floating_point() or sv.dtype == torch.float64):
         reason = "the logits are not fp32/bf16/fp16"
@@ -246,6 +251,8 @@ def _replace(graph: fx.Graph, ce: fx.Node, loss: _Loss, fused_linear: bool) -> s
       the logits: the linear then stays and `cross_entropy` takes the loss on its output, also three matmuls;
     - no usable linear (flag `cross_entropy`): `cross_entropy` on the materialized logits."""
     src = loss.source
+    for scalar in loss.symbolic:  # the op takes softcap and scale as constants: guard the values they were read at
+        specialize(scalar)
     common = (loss.target, loss.ignore_index, loss.reduction, float(loss.softcap), float(loss.scale))
     returned = fused_linear and loss.shared
     bias = fused_linear and len(src.args) > 2 and src.args[2] is not None

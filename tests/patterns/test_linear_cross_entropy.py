@@ -298,6 +298,40 @@ def test_dynamic_sequence_length_compiles_at_most_twice():
     assert replaced(FLCE) == len(liger_fx.get_records())
 
 
+class AttributeSoftcapHead(nn.Module):
+    """Gemma2's final softcap read from a float attribute (its config's final_logit_softcapping)."""
+
+    def __init__(self, cap):
+        super().__init__()
+        self.proj = nn.Linear(32, 60, bias=False)
+        self.cap = cap
+
+    def forward(self, h, shift_labels):
+        logits = torch.tanh(self.proj(h) / self.cap) * self.cap
+        return F.cross_entropy(logits.float().reshape(-1, 60), shift_labels.reshape(-1))
+
+
+def test_dynamic_softcap_from_a_float_attribute_is_fused_and_pinned_by_a_guard():
+    """dynamic=True makes the cap a graph input (a SymFloat), which used to read 'scaled by a tensor'. The fused op
+    takes it as a constant; a new cap recompiles. Logits of ~10 make the cap matter: tanh(10/3) against tanh(10/30)."""
+    torch.manual_seed(0)
+    m = AttributeSoftcapHead(3.0)
+    h = (torch.randn(2, 7, 32) * 3).requires_grad_()
+    shift_labels = torch.randint(0, 60, (2, 7))
+    fn = torch.compile(m, backend="liger", dynamic=True)
+    for cap in (3.0, 30.0):
+        m.cap = cap
+        params = (h, m.proj.weight)
+        ref = m(h, shift_labels)
+        ref_grads = torch.autograd.grad(ref, params)
+        out = fn(h, shift_labels)
+        grads = torch.autograd.grad(out, params)
+        torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-5)
+    assert _patterns() == [FLCE + "/mean/softcap"] * 2 and not _misses()
+
+
 def test_autocast_runs_the_fused_matmuls_in_the_autocast_dtype():
     """Mixed precision (fp32 weights, bf16 autocast; HF Trainer bf16=True) as ambient state and as a region in the
     graph: the fused op gets bf16 inputs as autocast gives the linear, so loss and grads equal eager autocast (an fp32
