@@ -28,13 +28,13 @@ def train_step(model, ids, labels, **kwargs):
     return out.loss.detach(), grads
 
 
-def compare_training(model, ids, labels, options=None, atol=1e-5, rtol=1e-4, **kwargs):
-    """Train one step eager and one under backend="liger" on a deep copy; assert loss and every grad match.
-    fp32 tolerances: Inductor reorders reductions, which moves fp32 results by ~1e-7 relative; 1e-4/1e-5 is tight
-    against any real error (a wrong eps or cast moves results by 1e-3 or more)."""
+def compare_training(model, ids, labels, options=None, atol=1e-5, rtol=1e-4, dynamic=None, **kwargs):
+    """Train one step eager and one under backend="liger" (torch.compile's `dynamic`) on a deep copy; assert loss and
+    every grad match. fp32 tolerances: Inductor reorders reductions, which moves fp32 results by ~1e-7 relative;
+    1e-4/1e-5 is tight against any real error (a wrong eps or cast moves results by 1e-3 or more)."""
     compiled = copy.deepcopy(model)
     ref_loss, ref_grads = train_step(model, ids, labels, **kwargs)
-    fn = torch.compile(compiled, backend="liger", options=options)
+    fn = torch.compile(compiled, backend="liger", options=options, dynamic=dynamic)
     loss, grads = train_step(fn, ids, labels, **kwargs)
     torch.testing.assert_close(loss, ref_loss, atol=atol, rtol=rtol)
     assert set(grads) == set(ref_grads), set(grads) ^ set(ref_grads)
