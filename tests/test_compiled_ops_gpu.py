@@ -94,3 +94,64 @@ def test_reduce_overhead_captures_every_fused_op(path, caplog):
         ref, same = ref32(input_ids=ids, labels=labels).loss, eager(input_ids=ids, labels=labels).loss
     for loss in losses:  # no optimizer step: the same loss each replay
         assert_close_rule(loss, ref, same, atol=torch.finfo(torch.bfloat16).eps * ref.abs().item(), name=path)
+
+
+def _grads(model):
+    return {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("model_type", ["qwen3", "gemma"])
+def test_dynamic_true_fuses_every_site_with_inductor_launching_the_kernels(model_type):
+    """`dynamic=True` (issue 16): every norm's eps is a float input of Dynamo's graph there, pinned as a constant by
+    the rewrite (rewrite.specialize), and the launchers run on symbolic row counts. Every site fuses as in a static
+    compile, the generated code launches our kernels, a second length reuses the graph, and the loss and every
+    gradient are within the tolerance rule of the fp32 model's (gradients compared by norm: a per-element rule over
+    a whole bf16 model step would test the noise of single elements). qwen3: Llama casting and q/k norms; gemma:
+    Gemma casting and GeGLU. CPU runs of the same check: tests/patterns/test_dynamic.py."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(0)
+    model = mini_model(model_type).to("cuda", torch.bfloat16)
+    state = model.state_dict()
+    ref32 = mini_model(model_type).to("cuda")
+    ref32.load_state_dict({k: v.float() for k, v in state.items()})
+    eager = mini_model(model_type).to("cuda", torch.bfloat16)
+    eager.load_state_dict(state)
+    static = mini_model(model_type).to("cuda", torch.bfloat16)
+    static.load_state_dict(state)
+    ids, labels = batch(model.config.vocab_size, b=2, t=32)
+    ids, labels = ids.cuda(), labels.cuda()
+
+    torch.compile(static, backend="liger")(input_ids=ids, labels=labels).loss.backward()
+    (static_record,) = liger_fx.get_records()
+    liger_fx.clear_records()
+    counters.clear()
+
+    fn = torch.compile(model, backend="liger", dynamic=True)
+    loss, codes = run_and_get_code(lambda: fn(input_ids=ids, labels=labels).loss)
+    (record,) = liger_fx.get_records()  # the attempt Dynamo restarts to specialize the eps is not recorded
+    assert record.counts() == static_record.counts() and not record.misses, record.summary()
+    assert all(counters["liger_fx"][f] >= 1 for f in ("rms_norm", "rope", "fused_linear_cross_entropy"))
+    code = "\n".join(codes)
+    if not OPAQUE:
+        assert "_rms_norm_fwd_kernel" in code and "torch.ops.liger_fx.rms_norm" not in code
+    loss.backward()
+    for m in (ref32, eager):
+        m(input_ids=ids, labels=labels).loss.backward()
+    ref = ref32(input_ids=ids, labels=labels).loss.detach()
+    same = eager(input_ids=ids, labels=labels).loss.detach()
+    assert_close_rule(loss.detach(), ref, same, atol=torch.finfo(torch.bfloat16).eps * ref.abs().item(), name="loss")
+    ours, refs, sames = _grads(model), _grads(ref32), _grads(eager)
+    assert set(ours) == set(refs)
+    for name in refs:
+        err, torch_err = (ours[name] - refs[name]).norm(), (sames[name] - refs[name]).norm()
+        bound = 2 * torch_err + torch.finfo(torch.bfloat16).eps * refs[name].norm()
+        assert err <= bound, f"{name}: |ours - fp32| {err:.3g} > {bound:.3g} (torch bf16: {torch_err:.3g})"
+
+    ids2, labels2 = batch(model.config.vocab_size, b=2, t=48, seed=2)
+    with torch.no_grad():
+        ref2 = ref32(input_ids=ids2.cuda(), labels=labels2.cuda()).loss
+        same2 = eager(input_ids=ids2.cuda(), labels=labels2.cuda()).loss
+    loss2 = fn(input_ids=ids2.cuda(), labels=labels2.cuda()).loss.detach()
+    assert len(liger_fx.get_records()) == 1, [r.summary() for r in liger_fx.get_records()]
+    assert_close_rule(loss2, ref2, same2, atol=torch.finfo(torch.bfloat16).eps * ref2.abs().item(), name="loss t=48")
