@@ -50,6 +50,29 @@ def test_failing_pass_falls_back_to_inductor_with_one_warning(monkeypatch, caplo
     assert sum(counters["liger_fx"].values()) == 0  # a fallback counts nothing
 
 
+def test_a_graph_whose_compile_raises_is_neither_recorded_nor_counted(monkeypatch, caplog):
+    """A graph whose compile raises never runs: Dynamo restarts its trace (dynamic=True specializing a norm's eps)
+    or, for a data-dependent op Inductor cannot trace (21 Mixtral graphs on torch 2.11 + transformers 5.17), runs
+    the frame eagerly. Its replacements must not show in the record or the counters."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException
+
+    def failing(gm, example_inputs, **kwargs):
+        raise DataDependentOutputException(torch.ops.aten._local_scalar_dense.default)
+
+    monkeypatch.setattr(backend, "compile_fx", failing)
+
+    def fn(x, w):
+        return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+    x, w = torch.randn(4, 16), torch.rand(16) + 0.5
+    with caplog.at_level(logging.DEBUG, logger="liger_fx"):
+        out = torch.compile(fn, backend="liger")(x, w)
+    torch.testing.assert_close(out, fn(x, w))  # the frame ran eagerly
+    assert any("rms_norm replaced" in r.getMessage() for r in caplog.records)  # the rewrite did happen
+    assert any("discarded" in r.getMessage() for r in caplog.records)
+    assert liger_fx.get_records() == [] and sum(counters["liger_fx"].values()) == 0
+
+
 def test_info_log_has_one_summary_line_per_graph(caplog):
     model = mini_model("llama")
     ids, labels = batch(model.config.vocab_size)
