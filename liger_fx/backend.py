@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 import torch.fx as fx
 from torch._dynamo.exc import RestartAnalysis
+from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
 from torch._dynamo.utils import counters
 from torch._inductor.compile_fx import compile_fx
 
@@ -118,7 +119,7 @@ def liger_backend(gm: fx.GraphModule, example_inputs, options: dict | None = Non
             # untouched graph also raises stay Inductor's own. A restart is no failure: Dynamo traces the frame again.
             try:
                 compiled = compile_graph(compiled_gm)
-            except RestartAnalysis:
+            except _NOT_OURS:
                 raise
             except Exception as e:
                 _fall_back(record, "compiling the rewrite", e)
@@ -131,6 +132,13 @@ def liger_backend(gm: fx.GraphModule, example_inputs, options: dict | None = Non
         raise
     _commit(record)
     return compiled
+
+
+# Raised while compiling a graph for reasons the rewrite does not change: Dynamo's own control flow (a restart of the
+# trace), and ops Inductor cannot trace (a data-dependent output shape: Mixtral's MoE routing on torch 2.11, where
+# plain Inductor raises the same and Dynamo runs the frame eagerly). Falling back would warn and compile twice for
+# nothing.
+_NOT_OURS = (RestartAnalysis, DataDependentOutputException, DynamicOutputShapeException)
 
 
 def _fall_back(record: rewrite.GraphRecord, step: str, e: Exception) -> None:

@@ -56,7 +56,10 @@ def test_a_graph_whose_compile_raises_is_neither_recorded_nor_counted(monkeypatc
     the frame eagerly. Its replacements must not show in the record or the counters."""
     from torch._subclasses.fake_tensor import DataDependentOutputException
 
+    calls = []
+
     def failing(gm, example_inputs, **kwargs):
+        calls.append(gm)
         raise DataDependentOutputException(torch.ops.aten._local_scalar_dense.default)
 
     monkeypatch.setattr(backend, "compile_fx", failing)
@@ -71,6 +74,9 @@ def test_a_graph_whose_compile_raises_is_neither_recorded_nor_counted(monkeypatc
     assert any("rms_norm replaced" in r.getMessage() for r in caplog.records)  # the rewrite did happen
     assert any("discarded" in r.getMessage() for r in caplog.records)
     assert liger_fx.get_records() == [] and sum(counters["liger_fx"].values()) == 0
+    # Not the rewrite's fault: no fallback warning and no second compile of the untouched graph per attempt.
+    assert not any(r.levelno >= logging.WARNING for r in caplog.records if r.name == "liger_fx")
+    assert calls and all(any(n.target is torch.ops.liger_fx.rms_norm.default for n in gm.graph.nodes) for gm in calls)
 
 
 def test_info_log_has_one_summary_line_per_graph(caplog):
