@@ -104,15 +104,22 @@ def _chunks(h, weight, bias, target, losses, lse, dh, dw, db, grad_scale, buf, C
         dlogits = logits if grad_scale is not None else None
         ce_rows(logits, target[start:end], losses[start:end], lse[start:end], ignore_index, softcap, logit_scale,
                 dx=dlogits, grad_scale=grad_scale, block_v=block_v)
-        if grad_input:
-            torch.mm(dlogits, weight, out=dh[start:end])
-        if grad_weight:
-            if i == 0:
-                torch.mm(dlogits.t(), h_c, out=dw)
-            else:
-                dw.addmm_(dlogits.t(), h_c)
-            if want_db:
-                db += dlogits.sum(0, dtype=torch.float32)
+        _chunk_grads(i, dlogits, h_c, weight, dh[start:end] if grad_input else None, dw if grad_weight else None,
+                     db if want_db else None)
+
+
+def _chunk_grads(i, dlogits, h_c, weight, dh_c, dw, db) -> None:
+    """One chunk's share of the linear's gradients: dh_c = dlogits @ W; dW (+)= dlogits^T @ h_c (written by the first
+    chunk, accumulated by the rest); db += column sums. None: not wanted."""
+    if dh_c is not None:
+        torch.mm(dlogits, weight, out=dh_c)
+    if dw is not None:
+        if i == 0:
+            torch.mm(dlogits.t(), h_c, out=dw)
+        else:
+            dw.addmm_(dlogits.t(), h_c)
+    if db is not None:
+        db += dlogits.sum(0, dtype=torch.float32)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -309,15 +316,8 @@ def linear_cross_entropy_logits_bwd(grad_logits, grad_loss, h, weight, bias, tar
         dlogits, h_c = buf[: end - start], h[start:end]
         ce_grad_rows(logits[start:end], target[start:end], lse[start:end], grad_scale, dlogits, ignore_index,
                      softcap, logit_scale, add=grad_logits[start:end] if grad_logits is not None else None)
-        if need_h:
-            torch.mm(dlogits, weight, out=dh[start:end])
-        if need_w:
-            if i == 0:
-                torch.mm(dlogits.t(), h_c, out=dw)
-            else:
-                dw.addmm_(dlogits.t(), h_c)
-            if want_db:
-                db += dlogits.sum(0, dtype=torch.float32)
+        _chunk_grads(i, dlogits, h_c, weight, dh[start:end] if need_h else None, dw if need_w else None,
+                     db if want_db else None)
     if need_w and N == 0:
         dw.zero_()
     return dh, dw, db.to(bias.dtype) if want_db else h.new_empty(0)

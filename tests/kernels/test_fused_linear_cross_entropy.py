@@ -233,3 +233,58 @@ def test_op_with_flags_off_refuses_backward():
     loss = torch.ops.liger_fx.fused_linear_cross_entropy(h, w, None, target, -100, "mean", 0.0, 1.0, False, False)[0]
     with pytest.raises(RuntimeError, match="grad_input/grad_weight off"):
         loss.backward()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `lm_head_cross_entropy`: the logits returned too; the backward takes their gradient and the loss's in one pass
+
+
+@pytest.mark.parametrize("reduction,softcap,scale,bias", [
+    ("mean", 0.0, 1.0, False), ("sum", 5.0, 0.5, True), ("mean", 0.0, 1.75, True),
+], ids=["mean", "sum-softcap-scale-bias", "mean-scale-bias"])
+@pytest.mark.parametrize("grad_logits", [True, False], ids=["logits-grad", "loss-only"])
+def test_returned_logits_forward_and_both_gradients(reduction, softcap, scale, bias, grad_logits, monkeypatch):
+    """fp32, 37 rows in chunks of 16: logits, loss and (dh, dW, db) of loss*g + <logits, G> against autograd of the
+    reference, with every buffer the launchers allocate poisoned. Ignored rows get only the logits' own gradient."""
+    from liger_fx.kernels.fused_linear_cross_entropy import (linear_cross_entropy_logits_bwd,
+                                                             linear_cross_entropy_logits_fwd)
+    from tests.tolerance import poison_
+
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison_(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison_(real_empty_like(*a, **k)))
+    N, H, V = 37, 64, 1000
+    h, w, b, target = _inputs(N, H, V, torch.float32, bias, seed=5)
+    g = torch.tensor(0.7, device=DEVICE)
+    G = torch.randn(N, V, device=DEVICE) * 1e-3 if grad_logits else None
+
+    leaves = [t.detach().clone().requires_grad_() for t in (h, w) + ((b,) if bias else ())]
+    ref_logits = torch.nn.functional.linear(*leaves[:2], leaves[2] if bias else None)
+    ref_loss = cross_entropy_ref(ref_logits, target, -100, reduction, softcap, scale)
+    total = ref_loss * g + ((ref_logits * G).sum() if grad_logits else 0)
+    ref_grads = torch.autograd.grad(total, leaves)
+
+    logits, loss, lse = linear_cross_entropy_logits_fwd(h, w, b, target, -100, reduction, softcap, scale)
+    dh, dw, db = linear_cross_entropy_logits_bwd(G, g, h, w, b, target, logits, lse, -100, reduction, softcap, scale,
+                                                 chunk=16)
+    torch.testing.assert_close(logits, ref_logits.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss, ref_loss.detach(), atol=1e-5, rtol=1e-5)
+    for name, ours, ref in zip(("dh", "dW", "db"), (dh, dw, db), ref_grads):
+        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_returned_logits_frozen_lm_head_and_op_autograd():
+    """Through the library op and autograd: a frozen lm_head gets no dW (h is not even saved for it), dh still
+    flows; the loss and logits gradients both reach h."""
+    from liger_fx.kernels.fused_linear_cross_entropy import lm_head_cross_entropy
+
+    h, w, _, target = _inputs(37, 64, 1000, torch.float32, False, seed=6)
+    h = h.view(1, 37, 64).requires_grad_()
+    logits, loss = lm_head_cross_entropy(h, w, target.view(1, 37))
+    assert logits.shape == (1, 37, 1000)
+    (loss + logits.float().square().mean()).backward()
+    h_ref = h.detach().clone().requires_grad_()
+    ref_logits = torch.nn.functional.linear(h_ref, w)
+    (cross_entropy_ref(ref_logits.view(-1, 1000), target) + ref_logits.square().mean()).backward()
+    torch.testing.assert_close(h.grad, h_ref.grad, atol=1e-5, rtol=1e-4)
+    assert not w.requires_grad
