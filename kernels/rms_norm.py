@@ -24,6 +24,11 @@ CASTINGS = ("llama", "gemma")
 
 # --------------------------------------------------------------------------------------------------------------
 # Triton kernels
+#
+# _FP32_SCALARS: eps and offset are cast to fp32 first. Inductor launches these kernels itself (triton_op) and types
+# a Python float argument as fp64 (torch 2.11: inductor.config._use_fp64_for_unbacked_floats); uncast, fp64 spreads
+# through the row math, and in the backward it reaches the loop-carried dW sum, which Triton refuses to compile
+# ("b_dw has initial type fp32 but is re-assigned to fp64"): every Gemma model failed to compile on the H200.
 
 
 @triton.jit
@@ -31,6 +36,7 @@ def _rms_norm_fwd_kernel(
     X, W, Y, stride_x, stride_y, M, N, eps, offset,
     GEMMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    eps, offset = tl.cast(eps, tl.float32), tl.cast(offset, tl.float32)  # see _FP32_SCALARS
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     mask = (rows[:, None] < M) & (cols[None, :] < N)
@@ -51,6 +57,7 @@ def _rms_norm_bwd_kernel(
     DY, X, W, DX, DW_PARTIAL, stride_dy, stride_x, stride_dx, M, N, eps, offset, blocks_per_program,
     GEMMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    eps, offset = tl.cast(eps, tl.float32), tl.cast(offset, tl.float32)  # see _FP32_SCALARS
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < N
@@ -81,6 +88,11 @@ def _out_dtype(x: torch.Tensor, weight: torch.Tensor, casting: str) -> torch.dty
     return x.dtype if casting == "gemma" else torch.promote_types(weight.dtype, x.dtype)
 
 
+# STATIC_ROW: the row length sets the tile (constexprs), so it must be a number when the launcher is traced with
+# symbolic shapes (AOTAutograd under dynamic=True, opcheck): int() specializes it, a guard that never fails for a
+# model's hidden or head size. Left symbolic, it reached the constexprs ("unhashable type: non-nested SymInt").
+
+
 def _tile(N: int, block_m=None, num_warps=None):
     """(BLOCK_M, BLOCK_N, num_warps). Rows are packed until a tile holds ~4096 elements: a q/k norm over
     head_dim 128 would otherwise launch one 128-element program per row (524k programs at B8 T2048 H32).
@@ -93,7 +105,7 @@ def _tile(N: int, block_m=None, num_warps=None):
 
 def rms_norm_fwd(x, weight, eps: float, offset: float = 0.0, casting: str = "llama", block_m=None,
                  num_warps=None) -> torch.Tensor:
-    N = x.shape[-1]
+    N = int(x.shape[-1])  # STATIC_ROW
     x2 = x.reshape(-1, N)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -125,7 +137,7 @@ def num_sms(device: torch.device) -> int:
 
 def rms_norm_bwd(dy, x, weight, eps: float, offset: float = 0.0, casting: str = "llama",
                  programs_per_sm=PROGRAMS_PER_SM, block_m=None, num_warps=None):
-    N = x.shape[-1]
+    N = int(x.shape[-1])  # STATIC_ROW
     x2 = x.reshape(-1, N)
     dy2 = dy.reshape(-1, N)
     if x2.stride(-1) != 1:
@@ -136,19 +148,17 @@ def rms_norm_bwd(dy, x, weight, eps: float, offset: float = 0.0, casting: str = 
     dx = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     block_m, block_n, warps = _tile(N, block_m or max(1, min(64, BWD_TILE_ELEMENTS // triton.next_power_of_2(N))),
                                     num_warps or 8)
-    blocks = triton.cdiv(M, block_m)
-    programs = max(1, min(num_sms(x.device) * programs_per_sm, blocks))
-    blocks_per_program = triton.cdiv(blocks, programs)
-    programs = triton.cdiv(blocks, blocks_per_program)
+    # A fixed number of programs, not min(programs, blocks): under dynamic shapes M is symbolic there, and each
+    # comparison of it in Python is a guard (`blocks <= 1`, `blocks < 264`) that recompiled the graph for a new
+    # sequence length on the H200. Programs past the last row store zero partials (264 x N fp32 at most).
+    programs = num_sms(x.device) * programs_per_sm
+    blocks_per_program = triton.cdiv(triton.cdiv(M, block_m), programs)
     dw_partial = torch.empty((programs, N), dtype=torch.float32, device=x.device)
-    if M > 0:
-        wrap_triton(_rms_norm_bwd_kernel)[(programs,)](
-            dy2, x2, weight, dx, dw_partial, dy2.stride(0), x2.stride(0), dx.stride(0), M, N,
-            float(eps), float(offset), blocks_per_program,
-            GEMMA=casting == "gemma", BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
-        )
-    else:
-        dw_partial.zero_()
+    wrap_triton(_rms_norm_bwd_kernel)[(programs,)](
+        dy2, x2, weight, dx, dw_partial, dy2.stride(0), x2.stride(0), dx.stride(0), M, N,
+        float(eps), float(offset), blocks_per_program,
+        GEMMA=casting == "gemma", BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+    )
     dw = dw_partial.sum(0).to(weight.dtype)
     return dx.view(x.shape), dw
 

@@ -170,7 +170,7 @@ def _launch(x, k, cos, sin, x_dtype, k_dtype, backward: bool, x_pairs: bool = Fa
     gradient laid out as the result (`y_pairs`) and writing one laid out as x (`x_pairs`)."""
     axis = max(rope_axes(x, cos, sin, k), key=lambda a: x.shape[a])  # the most heads per cos row
     nd = x.dim()
-    D, rd = x.shape[-1], cos.shape[-1]
+    D, rd = int(x.shape[-1]), int(cos.shape[-1])  # static head and rotary dims (see rms_norm's STATIC_ROW)
     y = _empty_like(x, x_dtype)
     ky = _empty_like(k, k_dtype) if k is not None else None
     if x.numel() == 0 and (k is None or k.numel() == 0):

@@ -117,7 +117,7 @@ def _launch_config(N: int) -> tuple[int, int]:
     # (2^31 limit), column blocks on axis 1 (65535 limit, i.e. N up to 67M).
     # H200, 16384x14336 bf16, fwd/bwd ms: 1024 cols x 4 warps 0.341/0.575, 4096 x 8 warps 0.338/0.568 (the copy
     # roofline of 3 and 5 passes is 0.336/0.560): the wider block shaves the tail of the last wave, nothing more.
-    block_n = min(triton.next_power_of_2(N), 4096)
+    block_n = min(triton.next_power_of_2(int(N)), 4096)  # int(): a static row length (see rms_norm's STATIC_ROW)
     return block_n, max(1, min(block_n // 512, 8))
 
 
