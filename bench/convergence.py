@@ -50,6 +50,11 @@ from bench import common, e2e
 VARIANTS = ("hf_eager", "hf_eager_rerun", "inductor", "liger_fx", "hf_hook")
 REFERENCE, RERUN, BASELINE, OURS = "hf_eager", "hf_eager_rerun", "inductor", ("liger_fx", "hf_hook")
 METRICS = ("max_dloss", "param_dist")
+GRAD_RULE = (
+    "grad check (first step, before any update, so no chaos yet): ||g - g_fp32|| / ||g_fp32|| over all gradients, "
+    "for liger_fx and hf_hook, <= 2 x hf_eager's own + bf16 eps (tests/tolerance.py's rule, on the whole model)."
+)
+GRAD_EPS = 2.0 ** -8  # bf16 eps: the floor of any bf16 result's relative error
 
 RULE = (
     "PASS iff for liger_fx and hf_hook, for both metrics (max |dloss| over all steps, final-parameter distance), "
@@ -114,7 +119,7 @@ FAMILIES: dict[str, tuple[dict, str]] = {
 class Setup:
     """Training setup; `smoke` shrinks it to something 2 CPU cores run in seconds."""
 
-    def __init__(self, smoke: bool, steps=None, batch=None, seq=None, corpus=None, lr=None):
+    def __init__(self, smoke: bool, steps=None, batch=None, seq=None, corpus=None, lr=None, data_seed=None):
         self.smoke = smoke
         self.steps = steps or (3 if smoke else 50)
         self.batch = batch or (2 if smoke else 8)
@@ -129,7 +134,7 @@ class Setup:
         # weight below 0.5 in magnitude moves (init std 0.02). Weights at 1.0 (RMSNorm scales, except Gemma's 1 + w)
         # do not move at any sane lr: their gradients are checked by the op tests, not here.
         self.lr = lr or 1e-3
-        self.seed_weights, self.seed_data = 0, 1234
+        self.seed_weights, self.seed_data = 0, 1234 if data_seed is None else data_seed
 
     def to_dict(self) -> dict:
         return dict(smoke=self.smoke, steps=self.steps, batch=self.batch, seq=self.seq, corpus=self.corpus,
@@ -168,7 +173,27 @@ def _param_dist(params, ref) -> float:
     return math.sqrt(num) / math.sqrt(den) if den else float("nan")
 
 
-def train_variant(variant: str, pristine, batches, setup: Setup, device, ref: dict | None, phase) -> dict:
+def _grad_err(model, grads32) -> float:
+    """||g - g_fp32|| / ||g_fp32|| over every gradient of the model (one L2 norm over all elements)."""
+    num = den = 0.0
+    for p, r in zip(model.parameters(), grads32):
+        g = p.grad.float() if p.grad is not None else torch.zeros_like(r)
+        num += float((g - r).pow(2).sum())
+        den += float(r.pow(2).sum())
+    return math.sqrt(num) / math.sqrt(den) if den else float("nan")
+
+
+def fp32_grads(pristine, batch) -> list[torch.Tensor]:
+    """The first step's gradients of an fp32 copy of the model, eager: the reference GRAD_RULE measures against."""
+    model = copy.deepcopy(pristine).float().train()
+    model(input_ids=batch, labels=batch).loss.backward()
+    grads = [p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+    del model
+    return grads
+
+
+def train_variant(variant: str, pristine, batches, setup: Setup, device, ref: dict | None, phase,
+                  grads32=None) -> dict:
     """Train a deep copy of `pristine` with `variant`; the row, plus the final parameters under "_params"."""
     from torch._dynamo.utils import counters
 
@@ -185,6 +210,8 @@ def train_variant(variant: str, pristine, batches, setup: Setup, device, ref: di
             phase(f"{variant}: step 1" + ("" if variant in (REFERENCE, RERUN) else " (compiling)"))
         loss = fwd(input_ids=x, labels=x).loss  # HF shifts the labels
         loss.backward()
+        if i == 0 and grads32 is not None:
+            grad_err = _grad_err(model, grads32)
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.detach())
@@ -198,6 +225,8 @@ def train_variant(variant: str, pristine, batches, setup: Setup, device, ref: di
            "losses": losses, "first_loss": losses[0], "final_loss": losses[-1], "first_step_s": first_s,
            "wall_s": time.perf_counter() - t0, "replaced": dict(counters["liger_fx"]),
            "graph_breaks": sum(counters["graph_break"].values())}
+    if grads32 is not None:
+        row["grad_err"] = grad_err
     params = [p.detach().clone() for p in model.parameters()]
     if ref is not None:
         row["max_dloss"] = max(abs(a - b) for a, b in zip(losses, ref["losses"]))
@@ -230,10 +259,12 @@ def run_family(family: str, setup: Setup, device, variants=VARIANTS, phase=lambd
            "config": {k: v for k, v in config.to_dict().items() if k in _CONFIG_KEYS},
            "variants": {}}
     batches = corpus_batches(config.vocab_size, setup, device)
+    phase("fp32 reference gradients")
+    grads32 = fp32_grads(pristine, batches[0])
     ref = None
     for variant in variants:
         try:
-            row = train_variant(variant, pristine, batches, setup, device, ref, phase)
+            row = train_variant(variant, pristine, batches, setup, device, ref, phase, grads32)
             params = row.pop("_params")
             if variant == REFERENCE and row["status"] == "ok":
                 ref = {"losses": row["losses"], "_params": params}
@@ -257,7 +288,7 @@ _CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_la
 
 
 def worker_main(args) -> int:
-    setup = Setup(args.smoke, args.steps, args.batch, args.seq, args.corpus, args.lr)
+    setup = Setup(args.smoke, args.steps, args.batch, args.seq, args.corpus, args.lr, args.data_seed)
 
     def phase(s):
         with open(args.result + ".phase", "w") as f:
@@ -310,6 +341,10 @@ def verdict(fam: dict, floor: dict | None = None) -> dict:
                 out["verdict"] = "FAIL"
     bad = [c for c in out["checks"] if not c["ok"]]
     out["why"] = "; ".join(f"{c['variant']} {c['metric']} {c['value']:.3g} > bound {c['bound']:.3g}" for c in bad)
+    if all("grad_err" in vs[v] for v in (REFERENCE,) + OURS):
+        bound = 2 * vs[REFERENCE]["grad_err"] + GRAD_EPS
+        out["grad_bound"] = bound
+        out["grad_check"] = "PASS" if all(vs[v]["grad_err"] <= bound for v in OURS) else "FAIL"
     return out
 
 
@@ -331,9 +366,9 @@ def _start(family: str, args, logdir: str, left: float) -> _Job:
             os.remove(stale)
     cmd = [sys.executable, "-m", "bench.convergence", "--worker", family, "--result", result,
            "--device", args.device, "--compile-threads", str(args.compile_threads)]
-    for flag in ("steps", "batch", "seq", "corpus", "lr"):
+    for flag in ("steps", "batch", "seq", "corpus", "lr", "data_seed"):
         if getattr(args, flag) is not None:
-            cmd += [f"--{flag}", str(getattr(args, flag))]
+            cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     cmd += ["--smoke"] if args.smoke else []
     cmd += ["--smoke-inductor"] if args.smoke_inductor else []
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -389,7 +424,7 @@ def run_all(args) -> dict:
     def left() -> float:
         return args.budget_s - (time.perf_counter() - start)
 
-    setup = Setup(args.smoke, args.steps, args.batch, args.seq, args.corpus, args.lr)
+    setup = Setup(args.smoke, args.steps, args.batch, args.seq, args.corpus, args.lr, args.data_seed)
     results = {"env": common.env_info(), "device": args.device, "setup": setup.to_dict(),
                "setup_text": setup.describe(), "budget_s": args.budget_s,
                "rule": RULE + (f" Smoke: margin at least {SMOKE_FLOOR} (see SMOKE_FLOOR)." if args.smoke else ""),
@@ -452,7 +487,8 @@ def _env_line(results: dict) -> str:
 def summary_table(results: dict) -> str:
     """One row per family: eager's learning, the noise, each variant's two deviations, the margin, the verdict."""
     head = ["family", "verdict", "eager loss first -> last"] + [
-        f"{v} dloss / dist" for v in (RERUN, BASELINE) + OURS] + ["margin dloss / dist"]
+        f"{v} dloss / dist" for v in (RERUN, BASELINE) + OURS] + [
+        "margin dloss / dist", "grad check: eager / inductor / liger_fx / hf_hook grad err vs fp32"]
     rows = []
     for name, fam in results["families"].items():
         vs = fam.get("variants", {})
@@ -466,8 +502,10 @@ def summary_table(results: dict) -> str:
         ref = vs.get(REFERENCE, {})
         learn = (f"{ref['first_loss']:.2f} -> {ref['final_loss']:.3f}" if ref.get("status") == "ok" else "-")
         margin = fam.get("margin") or {}
+        grads = " / ".join(_f(vs.get(v, {}).get("grad_err")) for v in (REFERENCE, BASELINE) + OURS)
         rows.append([name, fam.get("verdict", "-"), learn] + [dev(v) for v in (RERUN, BASELINE) + OURS] +
-                    [f"{_f(margin.get('max_dloss'), '.4f')} / {_f(margin.get('param_dist'))}" if margin else "-"])
+                    [f"{_f(margin.get('max_dloss'), '.4f')} / {_f(margin.get('param_dist'))}" if margin else "-",
+                     f"{fam.get('grad_check', '-')}: {grads}"])
     from bench.report import _table
 
     return _table(head, rows)
@@ -482,14 +520,15 @@ def detail_table(results: dict) -> str:
             rep = ", ".join(f"{k} {n}" for k, n in sorted(r.get("replaced", {}).items())) or "-"
             rows.append([name, v, r.get("status", "-"), _f(r.get("first_loss"), ".4f"), _f(r.get("final_loss"), ".4f"),
                          _f(r.get("first_dloss"), ".1e"), _f(r.get("max_dloss"), ".4f"), _f(r.get("param_dist")),
-                         _f(r.get("first_step_s"), ".1f"), r.get("graph_breaks", "-"), rep])
+                         _f(r.get("grad_err")), _f(r.get("first_step_s"), ".1f"), r.get("graph_breaks", "-"), rep])
     head = ["family", "variant", "status", "loss[0]", "final loss", "dloss step 1", "max dloss", "param dist",
-            "step 1 s (compile)", "graph breaks", "rewrites"]
+            "grad err vs fp32 (step 1)", "step 1 s (compile)", "graph breaks", "rewrites"]
     return _table(head, rows)
 
 
 def render_markdown(results: dict) -> str:
-    parts = [f"Run: {_env_line(results)}", f"Setup: {results['setup_text']}. Rule: {results['rule']}",
+    parts = [f"Run: {_env_line(results)}", f"Setup: {results['setup_text']}. Rule: {results['rule']} "
+             f"Beside it, the {GRAD_RULE}",
              summary_table(results),
              "dloss = max over the steps of |loss - hf_eager's loss|; dist = ||p - p_eager|| / ||p_eager|| over all "
              "final parameters; hf_eager_rerun is hf_eager again with the same seeds (run-to-run noise).",
@@ -522,7 +561,9 @@ def short_summary(results: dict) -> str:
                          if r.get("status") == "ok" else f"{v} {str(r.get('status', '-')).split(' (')[0]}")
         ref = vs.get(REFERENCE, {})
         learn = f"{ref['final_loss']:.3f}" if ref.get("status") == "ok" else "-"
+        grads = "/".join(_f(vs.get(v, {}).get("grad_err"), ".1e") for v in (REFERENCE, BASELINE) + OURS)
         lines.append(f"{name:9s} {fam.get('verdict', '-'):10s} eager final {learn:6s} " + "  ".join(cells)
+                     + f"  grad {fam.get('grad_check', '-')} {grads}"
                      + (f"  | {fam['why']}" if fam.get("why") else ""))
     counts = {k: sum(1 for f in results["families"].values() if f.get("verdict") == k)
               for k in ("PASS", "FAIL", "INCOMPLETE")}
@@ -623,6 +664,8 @@ def parse_args(argv=None):
     p.add_argument("--seq", type=int, default=None, help="default 512; smoke 32")
     p.add_argument("--corpus", type=int, default=None, help="random sequences in the corpus (default 32; smoke 4)")
     p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 1e-3)")
+    p.add_argument("--data-seed", type=int, default=None,
+                   help="seed of the random corpus (default 1234): another sample of the same chaos")
     # 5 at a time: 9 families then take two rounds; each worker's Python (Dynamo, AOTAutograd, lowering) is
     # single-threaded, so 5 workers use 5 of the 16 cores for that, and 3 compile threads each for Triton.
     p.add_argument("--parallel", type=int, default=5, help="families at a time (default 5)")
