@@ -45,3 +45,21 @@ def compare_training(model, ids, labels, options=None, atol=1e-5, rtol=1e-4, dyn
 
 def replaced(flag: str) -> int:
     return counters["liger_fx"][flag]
+
+
+def moe_traces_whole(dtype: torch.dtype) -> bool:
+    """Whether transformers' Mixtral experts compile as one graph on the CPU in `dtype`. transformers 5.17 (our
+    floor) routes them under torch.compile to its `grouped_mm_fallback` op for every dtype but bf16, and that op's
+    backward calls `offs.tolist()`: a data-dependent graph break, for plain Inductor as for us, which leaves part
+    of each MoE block outside our graphs. Newer releases give the backward an op of its own (traced whole). On the
+    H200 (bf16, torch._grouped_mm) every site fuses with 5.17: bench/RESULTS.md, convergence."""
+    import transformers.integrations.moe as moe
+
+    return dtype == torch.bfloat16 or hasattr(moe, "_grouped_mm_fallback_backward_fake")
+
+
+MOE_SPLIT_BY_TRANSFORMERS = (
+    "transformers' fp32/fp16 MoE fallback backward calls .tolist() under compile in this release (5.17): "
+    "a graph break for plain Inductor too (tests/helpers.py: moe_traces_whole)"
+)
+

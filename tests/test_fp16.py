@@ -9,7 +9,7 @@ import torch
 
 import liger_fx
 from liger_fx.models import MINI_CONFIGS, mini_model
-from tests.helpers import batch, train_step
+from tests.helpers import MOE_SPLIT_BY_TRANSFORMERS, batch, moe_traces_whole, train_step
 from tests.tolerance import assert_max_error_rule
 
 # torch 2.13's Inductor CPU codegen fails to compile one of GPT-NeoX's fp16 backward kernels, with or without liger
@@ -22,6 +22,8 @@ _INDUCTOR_OPTIONS = {"gpt_neox": {"cpp.simdlen": 1}}
 @pytest.mark.parametrize("model_type", sorted(MINI_CONFIGS))
 def test_fp16_model_fuses_within_torch_error_or_says_why_not(model_type):
     model = mini_model(model_type, num_hidden_layers=1).half()
+    if model_type == "mixtral" and not moe_traces_whole(torch.float16):
+        pytest.skip(MOE_SPLIT_BY_TRANSFORMERS)
     ref_model = copy.deepcopy(model).float()  # the same (fp16-rounded) weights, computed in fp32
     ids, labels = batch(model.config.vocab_size, ignore=3)
     ref = train_step(ref_model, ids, labels)

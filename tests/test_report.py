@@ -20,6 +20,7 @@ import liger_fx
 from liger_fx.cli import _exit_code, main
 from liger_fx.config import LigerConfig
 from liger_fx.models import MINI_CONFIGS, build, load_config, mini_model, resolve
+from tests.helpers import MOE_SPLIT_BY_TRANSFORMERS, moe_traces_whole
 
 report_module = sys.modules["liger_fx.report"]  # `liger_fx.report` is the function
 FLAGS = LigerConfig.flag_names()
@@ -100,6 +101,9 @@ def test_rms_norm_candidates_are_the_models_norm_modules(all_run):
     for entry in all_run["doc"]["models"]:
         model = mini_model(entry["model"])
         norms = sum(1 for m in model.modules() if type(m).__name__.endswith("RMSNorm"))
+        if entry["model"] == "mixtral" and not moe_traces_whole(torch.float32):  # norms outside the cut graphs
+            assert 1 <= entry["patterns"]["rms_norm"]["candidates"] <= norms, MOE_SPLIT_BY_TRANSFORMERS
+            norms = entry["patterns"]["rms_norm"]["candidates"]
         assert entry["patterns"]["rms_norm"]["candidates"] == norms, entry["model"]
         assert entry["patterns"]["rms_norm"]["replaced"] == norms, entry["patterns"]["rms_norm"]["misses"]
 

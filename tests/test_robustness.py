@@ -64,7 +64,9 @@ def _assert_trains_like_eager(model, compile_fn, ids, labels):
 
 
 def _liger_counts():
-    return {k: v for k, v in counters["liger_fx"].items() if v}
+    """The fused-op counters. causal_sdpa is left out: whether a causal mask reaches SDPA at all depends on the
+    transformers release (5.17 materializes it under compile, newer ones do not); tests/test_causal_mask.py has it."""
+    return {k: v for k, v in counters["liger_fx"].items() if v and k != "causal_sdpa"}
 
 
 # ---------------------------------------------------------------------------------------------------------------

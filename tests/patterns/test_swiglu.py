@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import liger_fx
 from liger_fx import backend
 from liger_fx.models import mini_model
-from tests.helpers import batch, compare_training, replaced
+from tests.helpers import MOE_SPLIT_BY_TRANSFORMERS, batch, compare_training, moe_traces_whole, replaced
 
 # model -> (flag, sites, op): 2 layers each
 SITES = {
@@ -51,6 +51,8 @@ def _swiglu_ops(seen):
 @pytest.mark.parametrize("model_type", sorted(SITES))
 def test_training_matches_eager_and_every_mlp_activation_is_fused(model_type, ops_seen):
     flag, sites, op = SITES[model_type]
+    if model_type == "mixtral" and not moe_traces_whole(torch.float32):
+        pytest.skip(MOE_SPLIT_BY_TRANSFORMERS)
     model = mini_model(model_type)
     ids, labels = batch(model.config.vocab_size)
     compare_training(model, ids, labels, atol=ATOL)
