@@ -7,7 +7,7 @@
 #
 # Setup once (the carried wheels: liger-kernel; this checkout, editable, offline), then every lane as its own process
 # with CUDA_VISIBLE_DEVICES set and its output in $OUT/laneN/lane.log; the third argument, if any, runs after
-# both with every GPU (a multi-GPU DDP run). The tail of each lane's log is printed last, lane by lane, because the
+# both with every GPU (a multi-GPU DDP run). What a lane writes under its $OUT comes back as $OUT/laneN.tgz. The tail of each lane's log is printed last, lane by lane, because the
 # device tool returns only the last 12,000 characters of the output.
 #
 # Timing caveat: lanes share the host's CPUs. A GPU-bound job (B8 T2048) is not disturbed by a neighbour that compiles;
@@ -46,6 +46,12 @@ if [ -n "${3:-}" ]; then
   OUT=$OUT/after bash -c "$3" >"$OUT/after/lane.log" 2>&1
   echo "== after-job exit $? at $(( $(date +%s) - T0 )) s"
 fi
+# The device tool brings back only a few files per call: each lane's files travel as one archive beside its log.
+for d in "$OUT"/lane0 "$OUT"/lane1 "$OUT"/after; do
+  [ -d "$d" ] || continue
+  (cd "$d" && find . -mindepth 1 -maxdepth 1 ! -name lane.log | grep -q . \
+    && tar czf "$d.tgz" --exclude=./lane.log . && find . -mindepth 1 -maxdepth 1 ! -name lane.log -exec rm -rf {} +)
+done
 for d in "$OUT"/lane0 "$OUT"/lane1 "$OUT"/after; do
   [ -f "$d/lane.log" ] || continue
   echo "======== $(basename "$d") (tail)"
