@@ -19,12 +19,15 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the exam
 T0=$(date +%s)
 echo "== gpu_ddp.sh: $(date -u '+%F %T UTC'), commit $(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+# NPROC ranks (1), global BATCH (8 x NPROC: 8 rows a rank), EXTRA arguments for the example (e.g. "--entry apply"),
+# TAG appended to the file names.
+NPROC=${NPROC:-1}
 SHAPE=(--device cuda --dtype bf16 --steps "${STEPS:-20}" --hidden 2048 --intermediate 8192 --layers 16 --heads 32
-       --kv-heads 8 --vocab 128256 --tie --batch 8 --seq 2048)
+       --kv-heads 8 --vocab 128256 --tie --batch "${BATCH:-$((8 * NPROC))}" --seq 2048)
 for run in ${RUNS:-ddp:liger ddp:inductor none:liger}; do
-  wrap=${run%%:*} backend=${run##*:} name="ddp_${run%%:*}_${run##*:}"
-  timeout -k 10 "${RUN_TIMEOUT:-180}" torchrun --standalone --nproc-per-node 1 examples/train_fsdp2.py "${SHAPE[@]}" \
-    --wrap "$wrap" --backend "$backend" --out "$OUT/$name.json" >"$OUT/$name.txt" 2>&1
+  wrap=${run%%:*} backend=${run##*:} name="ddp_${run%%:*}_${run##*:}${TAG:-}"
+  timeout -k 10 "${RUN_TIMEOUT:-180}" torchrun --standalone --nproc-per-node "$NPROC" examples/train_fsdp2.py \
+    "${SHAPE[@]}" --wrap "$wrap" --backend "$backend" ${EXTRA:-} --out "$OUT/$name.json" >"$OUT/$name.txt" 2>&1
   echo "== $wrap $backend: exit $? at $(( $(date +%s) - T0 )) s"
   python3 - "$OUT/$name.json" <<'EOF' || tail -n 5 "$OUT/$name.txt"
 import json, sys

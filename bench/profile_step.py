@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import time
 from collections import defaultdict
 
 import torch
@@ -42,6 +43,8 @@ def main(argv=None) -> None:
     p.add_argument("--top", type=int, default=20)
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--seq", type=int, default=None)
+    p.add_argument("--host", type=int, default=0, metavar="N",
+                   help="also profile N steps' Python with cProfile (host time per step, top functions by own time)")
     args = p.parse_args(argv)
 
     shape = e2e.SHAPES[args.shape]
@@ -61,8 +64,6 @@ def main(argv=None) -> None:
     for _ in range(args.warmup):
         step()
     torch.cuda.synchronize()
-    import time
-
     t0 = time.perf_counter()
     for _ in range(5):
         step()
@@ -90,6 +91,26 @@ def main(argv=None) -> None:
     print(f"== top {args.top} kernels")
     for name, (t, n) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[: args.top]:
         print(f"  {t / 1e3:8.2f} ms  x{n:<4d} {name[:110]}")
+    if args.host:
+        # Where the host's time goes when the GPU waits on it (small batches): cProfile over N steps. Its own
+        # overhead inflates every Python call alike, so read the ranking, not the absolute milliseconds.
+        import cProfile
+        import io
+        import pstats
+
+        prof = cProfile.Profile()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        prof.enable()
+        for _ in range(args.host):
+            step()
+        prof.disable()
+        torch.cuda.synchronize()
+        out = io.StringIO()
+        pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(args.top)
+        print(f"== host: {(time.perf_counter() - t0) / args.host * 1e3:.1f} ms a step under cProfile; top {args.top} "
+              "functions by own time (tottime per N steps)")
+        print("\n".join(line[:150] for line in out.getvalue().splitlines() if line.strip())[-6000:])
 
 
 if __name__ == "__main__":

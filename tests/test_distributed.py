@@ -180,6 +180,19 @@ def test_fsdp2_tied_lm_head_is_gathered_rewritten_and_trains_like_eager(tmp_path
         assert heads and all(v.split()[0] != "DTensor" and full in v for v in heads), (full, inputs)
 
 
+@pytest.mark.slow
+def test_fsdp2_through_apply_trains_like_eager(tmp_path, tmp_path_factory):
+    """`--entry apply`: the example trains through liger_fx.apply(model) under FSDP2 (its forward lets transformers
+    skip the causal mask, which the layer graphs would otherwise receive as an input no rewrite can prove causal).
+    Same losses and parameters as single-process eager, every flag fused, no fallback."""
+    ref = reference((), tmp_path_factory)
+    result, params = _torchrun(tmp_path, "--wrap", "fsdp2", "--entry", "apply")
+    _check_numerics(result, params, ref)
+    for rank in result["ranks"]:
+        assert all(r["fallback"] is None and not r["misses"] for r in rank["records"]), rank["records"]
+        assert set(rank["counters"]) >= set(ref[2]) - {"causal_sdpa"}, (rank["counters"], ref[2])
+
+
 # --------------------------------------------------------------------------------------------------------------
 # A pattern cut by a bucket boundary, in one process: DDPOptimizer itself, with a bucket cap chosen to cut a norm.
 
