@@ -45,6 +45,10 @@ def _rope(q, k, cos, sin):
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
+def _linear_ce(h, w, target):
+    return F.cross_entropy(F.linear(h, w).float(), target)
+
+
 def _cases(device):
     dt = torch.bfloat16
     g = torch.Generator(device=device).manual_seed(0)
@@ -58,6 +62,10 @@ def _cases(device):
         "rms_norm": (_rms_norm, (rnd(16, 256), rnd(256)), "rms_norm"),
         "swiglu": (_swiglu, (rnd(16, 512), rnd(16, 512)), "swiglu"),
         "rope": (_rope, (rnd(1, 4, 16, 64), rnd(1, 2, 16, 64), ang.cos(), ang.sin()), "rope"),
+        # the loss only: the logits are no output, so this is the opaque linear+CE op (the apply path's lm_head)
+        "linear_cross_entropy": (_linear_ce, (rnd(16, 256), rnd(512, 256),
+                                              torch.randint(0, 512, (16,), device=device, generator=g)),
+                                 "fused_linear_cross_entropy"),
     }
 
 

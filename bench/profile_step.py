@@ -43,6 +43,9 @@ def main(argv=None) -> None:
     p.add_argument("--top", type=int, default=20)
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--seq", type=int, default=None)
+    p.add_argument("--ops", action="store_true",
+                   help="also a second profiled step by op with input shapes: the lm_head-sized matmuls (an operand "
+                        "with the vocabulary's size) and attention, forward and backward (issue 14's table)")
     p.add_argument("--host", type=int, default=0, metavar="N",
                    help="also profile N steps' Python with cProfile (host time per step, top functions by own time)")
     args = p.parse_args(argv)
@@ -91,6 +94,8 @@ def main(argv=None) -> None:
     print(f"== top {args.top} kernels")
     for name, (t, n) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[: args.top]:
         print(f"  {t / 1e3:8.2f} ms  x{n:<4d} {name[:110]}")
+    if args.ops:
+        lm_head_and_attention(step, model.config.vocab_size)
     if args.host:
         # Where the host's time goes when the GPU waits on it (small batches): cProfile over N steps. Its own
         # overhead inflates every Python call alike, so read the ranking, not the absolute milliseconds.
@@ -111,6 +116,32 @@ def main(argv=None) -> None:
         print(f"== host: {(time.perf_counter() - t0) / args.host * 1e3:.1f} ms a step under cProfile; top {args.top} "
               "functions by own time (tottime per N steps)")
         print("\n".join(line[:150] for line in out.getvalue().splitlines() if line.strip())[-6000:])
+
+
+def lm_head_and_attention(step, vocab: int) -> None:
+    """GPU time of one step's lm_head-sized matmuls (aten mm/addmm with an operand whose shape has the vocabulary
+    size) and attention ops, by op and input shapes. The CPU op events carry the CUDA time of the kernels they
+    launched, so this works the same for Inductor's extern matmuls and for matmuls inside our ops."""
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts, record_shapes=True) as prof:
+        step()
+        torch.cuda.synchronize()
+    rows = []
+    for evt in prof.key_averages(group_by_input_shape=True):
+        t = getattr(evt, "self_device_time_total", None)
+        t = evt.self_cuda_time_total if t is None else t
+        if t <= 0:
+            continue
+        shapes = str(evt.input_shapes)
+        if evt.key in ("aten::mm", "aten::addmm", "aten::bmm") and str(vocab) in shapes:
+            rows.append(("lm_head matmul", evt.key, shapes, evt.count, t))
+        elif "attention" in evt.key or "sdpa" in evt.key.lower():
+            rows.append(("attention", evt.key, shapes, evt.count, t))
+    for label in ("lm_head matmul", "attention"):
+        mine = [r for r in rows if r[0] == label]
+        print(f"== {label}: {sum(r[4] for r in mine) / 1e3:.2f} ms of GPU time in one step, {sum(r[3] for r in mine)} calls")
+        for _, key, shapes, n, t in sorted(mine, key=lambda r: -r[4]):
+            print(f"  {t / 1e3:8.2f} ms  x{n:<3d} {key} {shapes[:120]}")
 
 
 if __name__ == "__main__":
