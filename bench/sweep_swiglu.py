@@ -39,16 +39,19 @@ def main() -> None:
     bwd_i = torch.compile(_bwd_math, dynamic=False)
     rows.append(("inductor", t(lambda: fwd_i(g, u)), t(lambda: bwd_i(dy, g, u))))
     rows.append(("ours (default)", t(lambda: S.swiglu_fwd(g, u, "silu")), t(lambda: S.swiglu_bwd(dy, g, u, "silu"))))
-    default = S._launch_config
+    default_cfg, default_flat, default_2d = S.FLAT_CONFIG, S._flat, S._launch_config
     try:
-        for bn, nw in itertools.product((512, 1024, 2048, 4096, 8192), (2, 4, 8, 16)):
-            if bn // (nw * 32) < 2:  # under 2 elements a thread: not a useful config
-                continue
+        for bn, nw in itertools.product((512, 1024, 2048, 4096), (2, 4, 8)):
+            S.FLAT_CONFIG = (bn, nw)
+            rows.append((f"flat bn={bn} nw={nw}", t(lambda: S.swiglu_fwd(g, u, "silu")),
+                         t(lambda: S.swiglu_bwd(dy, g, u, "silu"))))
+        S._flat = lambda *ts: False  # the 2-D kernels (packed halves use them)
+        for bn, nw in ((1024, 4), (4096, 8), (8192, 16)):
             S._launch_config = lambda N, bn=bn, nw=nw: (bn, nw)
-            rows.append((f"ours bn={bn} nw={nw}", t(lambda: S.swiglu_fwd(g, u, "silu")),
+            rows.append((f"2-D bn={bn} nw={nw}", t(lambda: S.swiglu_fwd(g, u, "silu")),
                          t(lambda: S.swiglu_bwd(dy, g, u, "silu"))))
     finally:
-        S._launch_config = default
+        S.FLAT_CONFIG, S._flat, S._launch_config = default_cfg, default_flat, default_2d
     print(f"{'config':24s} {'fwd ms':>8s} {'GB/s':>6s} {'bwd ms':>8s} {'GB/s':>6s} {'sum ms':>8s}")
     for name, f, b in rows:
         print(f"{name:24s} {f:8.4f} {3 * nbytes / f / 1e6:6.0f} {b:8.4f} {5 * nbytes / b / 1e6:6.0f} {f + b:8.4f}")

@@ -276,10 +276,13 @@ def fused_linear_cross_entropy(h, weight, target, bias=None, ignore_index: int =
 #               loss, lse                  one pass over the logits (the CE row kernel, fp32, 4 bytes a row saved)
 #     backward  per chunk of C rows: dlogits_c = dCE/dlogits_c * grad_loss + grad_logits_c    one pass, fp32, rounded
 #               once; dh_c = dlogits_c @ W; dW += dlogits_c^T @ h_c; db += sum(dlogits_c)
-# Three lm_head matmuls in all, as an unfused model. The zeros gradient of the returned logits is read once in that
-# pass and adds no matmul. Memory beyond the logits themselves: their gradient (autograd's zeros, N x V in their
-# dtype) and one (C, V) chunk buffer; computing dlogits in the forward instead would hold a second N x V buffer from
-# the forward into the backward (3.9 GiB at B8 T2048, V 128256, bf16), which the (C, V) chunk avoids.
+# Three lm_head matmuls in all, as an unfused model. A gradient of the returned logits is read once in that pass and
+# adds no matmul. Memory beyond the logits themselves: one (C, V) chunk buffer; computing dlogits in the forward
+# instead would hold a second N x V buffer from the forward into the backward (3.9 GiB at B8 T2048, V 128256, bf16),
+# which the (C, V) chunk avoids. Under torch.compile the backend passes `logits_grad=False` where the logits are only
+# returned (patterns/linear_cross_entropy.detach_returned_logits): autograd then makes no zeros gradient of N x V for
+# them (3.9 GiB more at the step's peak before), and `reattach_logits_grad` (end of this file) gives the returned
+# logits the lm_head's gradient outside the graph, for a caller that differentiates them.
 
 
 def linear_cross_entropy_logits_fwd(h, weight, bias, target, ignore_index: int = -100, reduction: str = "mean",
@@ -342,7 +345,7 @@ def linear_cross_entropy_logits_ref_bwd(grad_logits, grad_loss, h, weight, bias,
 @torch.library.custom_op("liger_fx::linear_cross_entropy_logits", mutates_args=())
 def _lce_logits(
     h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], target: torch.Tensor, ignore_index: int,
-    reduction: str, softcap: float, logit_scale: float,
+    reduction: str, softcap: float, logit_scale: float, logits_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if h.device.type == "cuda":
         return linear_cross_entropy_logits_fwd(h, weight, bias, target, ignore_index, reduction, softcap, logit_scale)
@@ -352,7 +355,7 @@ def _lce_logits(
 
 
 @_lce_logits.register_fake
-def _(h, weight, bias, target, ignore_index, reduction, softcap, logit_scale):
+def _(h, weight, bias, target, ignore_index, reduction, softcap, logit_scale, logits_grad):
     N, V = h.shape[0], weight.shape[0]
     return (h.new_empty((N, V), dtype=torch.result_type(h, weight)), h.new_empty((), dtype=torch.float32),
             h.new_empty((N,), dtype=torch.float32))
@@ -382,13 +385,15 @@ def _(grad_logits, grad_loss, h, weight, bias, target, logits, lse, ignore_index
 
 
 def _lce_setup_context(ctx, inputs, output):
-    h, weight, bias, target, *args = inputs
+    h, weight, bias, target, *args, logits_grad = inputs
     logits, _, lse = output
     # h only feeds dW (and db needs nothing of it): a frozen lm_head (PEFT) keeps no (N, H) activation alive for it.
     learns = weight.requires_grad or (bias is not None and bias.requires_grad)
     ctx.save_for_backward(h if learns else None, weight, bias, target, logits, lse)
     ctx.h_meta = (h.shape, h.dtype)
-    ctx.mark_non_differentiable(lse)
+    # logits_grad False: the logits leave the graph without a gradient path through this op, and the compiled
+    # graph's caller attaches their gradient outside it (`reattach_logits_grad`): no zeros tangent of N x V.
+    ctx.mark_non_differentiable(lse, *(() if logits_grad else (logits,)))
     ctx.set_materialize_grads(False)  # an unused loss or logits gradient stays None: nothing of N x V is made up
     ctx.args = tuple(args)
 
@@ -397,13 +402,13 @@ def _lce_backward(ctx, grad_logits, grad_loss, _grad_lse):
     h, weight, bias, target, logits, lse = ctx.saved_tensors
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     if grad_logits is None and grad_loss is None or not (need_h or need_w or need_b):
-        return (None,) * 8
+        return (None,) * 9
     if h is None:  # frozen lm_head: the backward needs only h's shape (for dh) and never reads it
         shape, dtype = ctx.h_meta
         h = torch.empty_strided(shape, (0,) * len(shape), dtype=dtype, device=weight.device)
     dh, dw, db = torch.ops.liger_fx.linear_cross_entropy_logits_backward(
         grad_logits, grad_loss, h, weight, bias, target, logits, lse, *ctx.args, need_h, need_w or need_b)
-    return dh if need_h else None, dw if need_w else None, db if need_b else None, *(None,) * 5
+    return dh if need_h else None, dw if need_w else None, db if need_b else None, *(None,) * 6
 
 
 _lce_logits.register_autograd(_lce_backward, setup_context=_lce_setup_context)
@@ -413,17 +418,18 @@ _lce_logits.register_autograd(_lce_backward, setup_context=_lce_setup_context)
 if not hasattr(torch.ops.liger_fx, "lm_head_cross_entropy"):
     _lib.define(
         "lm_head_cross_entropy(Tensor h, Tensor weight, Tensor? bias, Tensor target, int ignore_index, str reduction, "
-        "float softcap, float logit_scale) -> (Tensor, Tensor)"
+        "float softcap, float logit_scale, bool logits_grad=True) -> (Tensor, Tensor)"
     )
 
-    def _lm_head_cross_entropy(h, weight, bias, target, ignore_index, reduction, softcap, logit_scale):
+    def _lm_head_cross_entropy(h, weight, bias, target, ignore_index, reduction, softcap, logit_scale,
+                               logits_grad=True):
         if reduction not in REDUCTIONS:
             raise ValueError(f"liger_fx.lm_head_cross_entropy: reduction must be one of {REDUCTIONS}, got {reduction!r}")
         lead = h.shape[:-1]
         h, weight, bias = _autocast(h, weight, bias)
         logits, loss, _ = torch.ops.liger_fx.linear_cross_entropy_logits(
             h.reshape(-1, h.shape[-1]), weight, bias, target.reshape(-1), ignore_index, reduction, softcap,
-            logit_scale)
+            logit_scale, logits_grad)
         return logits.view(*lead, logits.shape[-1]), loss
 
     _lib.impl("lm_head_cross_entropy", _lm_head_cross_entropy, "CompositeImplicitAutograd")
@@ -435,3 +441,37 @@ def lm_head_cross_entropy(h, weight, target, bias=None, ignore_index: int = -100
     and the loss's gradient fused with the logits' own. h (..., H); target of h's leading size."""
     return torch.ops.liger_fx.lm_head_cross_entropy(
         h, weight, bias, target, int(ignore_index), reduction, float(softcap), float(logit_scale))
+
+
+class _LogitsGrad(torch.autograd.Function):
+    """Identity on returned logits whose backward is the lm_head's: dh = g @ W, dW = g^T @ h, db = sum(g). Applied
+    by the compiled graph's caller to logits that left the graph without a gradient (`logits_grad=False`), so that
+    differentiating them still reaches h and W; its backward runs only when something does. An undefined incoming
+    gradient stays undefined (no zeros are made)."""
+
+    @staticmethod
+    def forward(ctx, logits, h, weight, bias):
+        ctx.save_for_backward(h, weight)
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.set_materialize_grads(False)
+        return logits.view_as(logits)
+
+    @staticmethod
+    def backward(ctx, g):
+        if g is None:
+            return None, None, None, None
+        h, weight = ctx.saved_tensors
+        g2 = g.reshape(-1, g.shape[-1])
+        need_h, need_w, need_b = ctx.needs_input_grad[1:4]
+        dh = (g2 @ weight.to(g2.dtype)).view(*h.shape[:-1], -1).to(h.dtype) if need_h else None
+        dw = (g2.t() @ h.reshape(-1, h.shape[-1]).to(g2.dtype)).to(weight.dtype) if need_w else None
+        db = g2.sum(0).to(ctx.bias_dtype) if need_b else None
+        return None, dh, dw, db
+
+
+def reattach_logits_grad(logits, h, weight, bias=None):
+    """`logits` (a row-major view of `h @ weight^T + bias`, computed without a gradient path) with the lm_head's
+    gradient attached; as is where nothing requires grad or grad mode is off."""
+    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (h, weight, bias)):
+        return logits
+    return _LogitsGrad.apply(logits, h, weight, bias)

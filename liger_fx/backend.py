@@ -8,9 +8,14 @@ Dynamo hands us its FX graph and example inputs. We
   2. run the enabled pattern families in order (rewrite.apply_family), each replacing subgraphs with one fused op
      that carries its own backward, and mark the cheap ones' outputs for recomputation in the backward
      (rewrite.tag_recompute; option `recompute`),
-  3. hand the result to Inductor (compile_fx), which does AOTAutograd and fuses everything else; under DDP, when
-     DDP's whole graph was handed to us (distributed.split_after_rewrite), first cut it at DDP's gradient buckets.
-If 1-2 raise, or 3 raises on the rewritten graph, we log one warning and compile Dynamo's untouched graph: a model
+  3. take logits that are returned beside a fused loss out of the graph's autograd, with the lm_head's inputs as
+     extra outputs (linear_cross_entropy.detach_returned_logits): autograd would otherwise make them a zeros
+     gradient of N x V at the step's peak,
+  4. hand the result to Inductor (compile_fx), which does AOTAutograd and fuses everything else; under DDP, when
+     DDP's whole graph was handed to us (distributed.split_after_rewrite), first cut it at DDP's gradient buckets,
+  5. call it through a wrapper that re-attaches the returned logits' gradient (reattach_logits_grad) and drops the
+     extra outputs.
+If 1-3 raise, or 4 raises on the rewritten graph, we log one warning and compile Dynamo's untouched graph: a model
 that compiles with Inductor never fails with liger.
 """
 
@@ -30,6 +35,8 @@ from torch._dynamo.utils import counters
 from torch._inductor.compile_fx import compile_fx
 
 from . import causal_mask, distributed, rewrite
+from .kernels.fused_linear_cross_entropy import reattach_logits_grad
+from .patterns import linear_cross_entropy
 from .canonicalize import to_aten, where
 from .config import LigerConfig, split_options
 
@@ -96,14 +103,20 @@ def liger_backend(gm: fx.GraphModule, example_inputs, options: dict | None = Non
     record = rewrite.GraphRecord(next(_graph_index))
     rewrite.RECORDS.append(record)
     ddp_module = distributed.owned_ddp_module()  # DDP's whole graph, ours to cut after the rewrite (or None)
+    returned: list[linear_cross_entropy.ReturnedLogits] = []
     try:
         compiled_gm = rewrite_graph(gm, example_inputs, config, record)
         distributed.note_bucket_cuts(gm, compiled_gm, record)  # a DDP bucket: say which misses its boundary explains
         if ddp_module is not None:
             distributed.carry_dynamo_meta(gm, compiled_gm)  # what DDPOptimizer reads from Dynamo's graph
+        else:  # (under DDP the bucket cut would have to carry the extra outputs across submodules: not done)
+            returned = linear_cross_entropy.detach_returned_logits(compiled_gm.graph)
+            if returned:
+                compiled_gm.recompile()
+                record.logits_grad_outside = sum(len(r.positions) for r in returned)
     except Exception as e:  # the fallback is the product's promise: never worse than Inductor
         _fall_back(record, "rewrite", e)
-        compiled_gm = gm
+        compiled_gm, returned = gm, []
     compile_one = functools.partial(compile_fx, config_patches=patches or None)
 
     def compile_graph(graph: fx.GraphModule):
@@ -125,13 +138,37 @@ def liger_backend(gm: fx.GraphModule, example_inputs, options: dict | None = Non
                 _fall_back(record, "compiling the rewrite", e)
             else:
                 _commit(record)
-                return compiled
+                return _with_logits_grad(compiled, returned, len(_outputs(gm)))
+        record.logits_grad_outside = 0
         compiled = compile_graph(gm)
     except Exception as e:
         _discard(record, e)
         raise
     _commit(record)
     return compiled
+
+
+def _outputs(gm: fx.GraphModule):
+    return next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0]
+
+
+def _with_logits_grad(compiled: Callable, returned: list, n_out: int) -> Callable:
+    """Step 5: the compiled graph as Dynamo expects it (its own outputs), with the gradient of returned logits
+    re-attached outside it from the extra outputs (h, W, b) that step 3 added."""
+    if not returned:
+        return compiled
+
+    def run(*args):
+        outs = compiled(*args)
+        mine = list(outs[:n_out])
+        for r in returned:
+            h, w = outs[r.extra[0]], outs[r.extra[1]]
+            b = outs[r.extra[2]] if r.extra[2] is not None else None
+            for i in r.positions:
+                mine[i] = reattach_logits_grad(mine[i], h, w, b)
+        return type(outs)(mine) if isinstance(outs, (list, tuple)) else mine
+
+    return run
 
 
 # Raised while compiling a graph for reasons the rewrite does not change: Dynamo's own control flow (a restart of the

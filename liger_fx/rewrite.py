@@ -98,6 +98,9 @@ class GraphRecord:
     ddp_buckets: int = 0
     """How many DDP gradient buckets the graph was cut into after the rewrite (distributed.split_after_rewrite); 0
     when the backend did not cut it."""
+    logits_grad_outside: int = 0
+    """How many returned logits leave the graph without a gradient path, theirs attached by the caller
+    (patterns/linear_cross_entropy.detach_returned_logits): no zeros gradient of N x V in the backward."""
 
     def counts(self) -> dict[str, tuple[int, int]]:
         """flag -> (replaced, candidates)."""
@@ -119,7 +122,8 @@ class GraphRecord:
         parts = [f"{flag} {r}/{c}" for flag, (r, c) in counts.items()]
         returned = sum(r.pattern.endswith("/logits-returned") for r in self.replaced)
         if returned:  # the logits are also used: lm_head kept as one matmul beside the fused loss (patterns/...)
-            parts.append(f"{returned} lm_head+CE on returned logits")
+            parts.append(f"{returned} lm_head+CE on returned logits"
+                         + (" (their gradient outside the graph)" if self.logits_grad_outside else ""))
         text = f"liger_fx: graph {self.index}: replaced " + ", ".join(parts) + causal
         if self.misses:
             text += f"; {len(self.misses)} near miss(es), first: {self.misses[0].where}: {self.misses[0].reason}"

@@ -14,7 +14,9 @@ flag `fused_linear_cross_entropy`:
   `liger_fx::lm_head_cross_entropy`, which computes the logits once and fuses the loss's gradient with the logits'
   own, so the step runs three lm_head matmuls as an unfused model does (recorded with the suffix `/logits-returned`;
   the INFO line says `lm_head+CE on returned logits`). Fusing the loss alone there cost ~26 ms of extra matmuls per
-  Llama-3.2-1B step on the H200 (issue 14).
+  Llama-3.2-1B step on the H200 (issue 14). Where the logits are only returned, the backend then takes them out of
+  the graph's autograd (`detach_returned_logits`, end of this file) so that no zeros gradient of N x V is made for
+  them; their gradient is attached outside the graph (the INFO line adds "their gradient outside the graph").
 The label pad + shift and the division by num_items_in_batch (int or tensor) stay in the graph untouched.
 flag `cross_entropy`: where no linear feeds the loss (or the flag above is off), the loss on the materialized logits
 becomes `liger_fx::cross_entropy` (fp32 math without an fp32 copy of the logits).
@@ -259,7 +261,10 @@ def _replace(graph: fx.Graph, ce: fx.Node, loss: _Loss, fused_linear: bool) -> s
     if returned and not loss.row_slices:
         h, w = src.args[0], src.args[1]
         b = src.args[2] if len(src.args) > 2 else None
-        pair = _insert(graph, ce, torch.ops.liger_fx.lm_head_cross_entropy.default, (h, w, b, *common))
+        # logits_grad spelled out (True: the logits keep their gradient path; detach_returned_logits may set False):
+        # the argument is then in the graph's code, which keys AOTAutograd's and Inductor's caches; left to its
+        # default, graphs cached before the argument existed came back calling the inner op without it.
+        pair = _insert(graph, ce, torch.ops.liger_fx.lm_head_cross_entropy.default, (h, w, b, *common, True))
         logits = _insert(graph, ce, operator.getitem, (pair, 0))
         new = _insert(graph, ce, operator.getitem, (pair, 1))
         src.replace_all_uses_with(logits)  # the loss chain dies with ce below; what the caller gets now reads these
@@ -331,3 +336,68 @@ def explain(ce: fx.Node) -> str:
     if loss.reason is None and loss.linear_reason is None:
         loss.linear_reason = _region_reason(ce, loss.source)
     return loss.reason or loss.linear_reason or "the loss input has an unsupported form"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Returned logits: their gradient taken outside the compiled graph
+
+
+_RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.alias.default)
+
+
+@dataclass
+class ReturnedLogits:
+    """Where the compiled graph's caller re-attaches the gradient of returned logits (backend.py, step 4): output
+    `outputs[i]` for i in `positions` is a row-major view of the logits of `h @ W^T (+ b)`, and `h`, `W`, `b` are the
+    extra outputs at `extra` (b: None without a bias)."""
+    positions: list[int]
+    extra: tuple[int, int, int | None]
+
+
+def detach_returned_logits(graph: fx.Graph) -> list[ReturnedLogits]:
+    """Take the returned logits of each `lm_head_cross_entropy` out of the graph's autograd (`logits_grad=False`) and
+    add the op's h, W (and b) as graph outputs, where the logits reach the graph's outputs only through views.
+
+    Why: AOTAutograd's compiled function is one autograd.Function, and autograd hands every output that requires
+    grad a gradient in the backward; for logits the caller never differentiates (`model(ids, labels=ids).loss
+    .backward()`) it makes one of zeros, N x V (3.9 GiB at B8 T2048, V 128256, bf16), allocated as the backward
+    starts, i.e. at the step's peak, and read once by the op's backward (measured on the H200: 3.914 GiB alive at
+    the peak of 30.00 GiB, allocated with no Python frame). With the logits non-differentiable inside, the caller
+    attaches their gradient with `kernels.fused_linear_cross_entropy.reattach_logits_grad`, whose backward runs only
+    when something differentiates the logits. Logits used by anything else in the graph (a z-loss, a softcap
+    applied to what is returned) keep their gradient path inside: returns []."""
+    out_node = next(n for n in reversed(graph.nodes) if n.op == "output")
+    outs = out_node.args[0]
+    if not isinstance(outs, (tuple, list)):
+        return []
+    specs = []
+    extra = []
+    for op in [n for n in graph.nodes if _is(n, torch.ops.liger_fx.lm_head_cross_entropy.default)]:
+        if op.args[8] is not True:  # already decided
+            continue
+        logits = [u for u in op.users if u.target is operator.getitem and u.args[1] == 0]
+        chain, ok, frontier = set(), True, list(logits)
+        while frontier and ok:
+            n = frontier.pop()
+            chain.add(n)
+            for u in n.users:
+                if u is out_node:
+                    continue
+                if u.op == "call_function" and u.target in _RESHAPES and u.args[0] is n:
+                    frontier.append(u)
+                else:
+                    ok = False
+        positions = [i for i, o in enumerate(outs) if isinstance(o, fx.Node) and o in chain]
+        if not ok or not positions:
+            continue
+        v = _val(op.args[1]).shape[0]
+        if any(_val(outs[i]).shape[-1] != v for i in positions):  # a view that moved the vocabulary axis
+            continue
+        op.args = (*op.args[:8], False)
+        h, w, b = op.args[0], op.args[1], op.args[2]
+        start = len(outs) + len(extra)
+        extra += [h, w] + ([b] if b is not None else [])
+        specs.append(ReturnedLogits(positions, (start, start + 1, start + 2 if b is not None else None)))
+    if extra:
+        out_node.args = (type(outs)([*outs, *extra]),)
+    return specs

@@ -16,7 +16,7 @@ from tests.tolerance import assert_close_rule, interpreter_slack, poison_
 # One device: on a CUDA machine TRITON_INTERPRET is off (tests/conftest.py), so the launchers cannot take CPU tensors
 # there; the CPU implementation of the ops is the reference, which the interpreter runs cover.
 DEVICES = ["cuda"] if torch.cuda.is_available() else ["cpu"]
-WIDTHS = [123, 4864, 11008]
+WIDTHS = [123, 2048, 4864, 11008]  # 2048: the flat kernels without a mask (the block divides the row)
 DTYPES = [torch.float32, torch.bfloat16]
 
 

@@ -96,7 +96,7 @@ def _lm_head_ce(sym, n):
     w = torch.randn(1000, h.shape[-1], device="cuda", dtype=BF16)
     t = torch.randint(0, 1000, (rows,), device="cuda")
     torch.ops.liger_fx.fused_linear_cross_entropy(h, w, None, t, -100, "mean", 0.0, 1.0, True, True)
-    logits, loss, lse = torch.ops.liger_fx.linear_cross_entropy_logits(h, w, None, t, -100, "mean", 0.0, 1.0)
+    logits, loss, lse = torch.ops.liger_fx.linear_cross_entropy_logits(h, w, None, t, -100, "mean", 0.0, 1.0, True)
     torch.ops.liger_fx.linear_cross_entropy_logits_backward(
         logits, loss, h, w, None, t, logits, lse, -100, "mean", 0.0, 1.0, True, True)
 
