@@ -24,6 +24,16 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
+@pytest.fixture(autouse=True)
+def recompute_at_any_size(monkeypatch):
+    """The tests' models are tiny: their fused outputs are kilobytes, far under rewrite.RECOMPUTE_MIN_BYTES, below
+    which option `recompute` tags nothing. The tests check what recomputing does, so the threshold is 0 here;
+    tests/test_recompute.py::test_small_static_graphs_recompute_nothing checks the threshold itself."""
+    import liger_fx.rewrite
+
+    monkeypatch.setattr(liger_fx.rewrite, "RECOMPUTE_MIN_BYTES", 0)
+
+
 _TORCH_CONFIGS = ("torch._functorch.config", "torch._inductor.config", "torch._dynamo.config")
 
 

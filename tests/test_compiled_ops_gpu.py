@@ -48,7 +48,8 @@ def test_inductor_launches_the_kernels_itself():
     _, codes = run_and_get_code(step)
     code = "\n".join(codes)
     assert counters["liger_fx"]["rms_norm"] == 1 and counters["liger_fx"]["swiglu"] == 1
-    for kernel in ("_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel", "_swiglu_fwd_kernel", "_swiglu_bwd_kernel"):
+    # contiguous gate and up: the flat SwiGLU kernels (kernels/swiglu.py `_flat`)
+    for kernel in ("_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel", "_swiglu_fwd_flat_kernel", "_swiglu_bwd_flat_kernel"):
         assert kernel in code, kernel
     assert "torch.ops.liger_fx.rms_norm" not in code and "torch.ops.liger_fx.swiglu" not in code
 

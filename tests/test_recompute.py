@@ -122,3 +122,33 @@ def test_ops_without_backward_are_not_recomputed():
     assert set(grads_on) == {"model.layers.0.mlp.down_proj.weight"}
     torch.testing.assert_close(grads_on["model.layers.0.mlp.down_proj.weight"],
                                grads_off["model.layers.0.mlp.down_proj.weight"], atol=1e-6, rtol=1e-5)
+
+
+def test_small_static_graphs_recompute_nothing(monkeypatch):
+    """Under rewrite.RECOMPUTE_MIN_BYTES of fused outputs a static-shape graph recomputes nothing (a small step pays
+    each recomputed op as a launch on the host); at or over it, everything recomputable is recomputed; a graph with
+    symbolic sizes always is (its run-time sizes are unknown). The mini Llama at B2 T16: the threshold is set just
+    above and at the exact bytes of its fused outputs, as the saved bytes then show."""
+    import liger_fx.rewrite
+
+    model = mini_model("llama")
+    cfg = model.config
+    ids, labels = batch(cfg.vocab_size, b=2, t=16)
+    n = 2 * 16
+    outputs = (2 * cfg.num_hidden_layers + 1) * n * cfg.hidden_size * 4 + cfg.num_hidden_layers * n * \
+        cfg.intermediate_size * 4  # fp32: every norm's output and every SwiGLU's
+    off, _ = _saved_bytes_and_step(copy.deepcopy(model), ids, labels, {"recompute": False})
+    monkeypatch.setattr(liger_fx.rewrite, "RECOMPUTE_MIN_BYTES", outputs + 1)
+    small, _ = _saved_bytes_and_step(copy.deepcopy(model), ids, labels, None)
+    assert small == off
+    assert "recompute" not in CODES[-1]
+    monkeypatch.setattr(liger_fx.rewrite, "RECOMPUTE_MIN_BYTES", outputs)
+    at, _ = _saved_bytes_and_step(copy.deepcopy(model), ids, labels, None)
+    assert at < off and "recompute" in CODES[-1]
+
+    monkeypatch.setattr(liger_fx.rewrite, "RECOMPUTE_MIN_BYTES", 1 << 40)
+    torch._dynamo.reset()
+    CODES.clear()
+    with mock.patch.object(backend, "compile_fx", _partition_only):
+        torch.compile(copy.deepcopy(model), backend="liger", dynamic=True)(input_ids=ids, labels=labels).loss.backward()
+    assert CODES and all("recompute" in code for code in CODES if "rms_norm" in code)
