@@ -138,8 +138,7 @@ def liger_backend(gm: fx.GraphModule, example_inputs, options: dict | None = Non
                 _fall_back(record, "compiling the rewrite", e)
             else:
                 _commit(record)
-                return _with_logits_grad(compiled, returned, len(_outputs(gm)))
-        record.logits_grad_outside = 0
+                return _with_logits_grad(compiled, returned)
         compiled = compile_graph(gm)
     except Exception as e:
         _discard(record, e)
@@ -148,15 +147,12 @@ def liger_backend(gm: fx.GraphModule, example_inputs, options: dict | None = Non
     return compiled
 
 
-def _outputs(gm: fx.GraphModule):
-    return next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0]
-
-
-def _with_logits_grad(compiled: Callable, returned: list, n_out: int) -> Callable:
+def _with_logits_grad(compiled: Callable, returned: list) -> Callable:
     """Step 5: the compiled graph as Dynamo expects it (its own outputs), with the gradient of returned logits
-    re-attached outside it from the extra outputs (h, W, b) that step 3 added."""
+    re-attached outside it from the extra outputs (h, W, b) that step 3 appended after them."""
     if not returned:
         return compiled
+    n_out = min(r.extra[0] for r in returned)
 
     def run(*args):
         outs = compiled(*args)
@@ -183,6 +179,7 @@ def _fall_back(record: rewrite.GraphRecord, step: str, e: Exception) -> None:
     record.replaced.clear()
     record.misses.clear()
     record.causal_sdpa = []
+    record.logits_grad_outside = 0
     log.warning("liger_fx: %s of graph %d failed (%s); compiling it with plain Inductor",
                 step, record.index, record.fallback)
 

@@ -347,7 +347,7 @@ _RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default,
 
 @dataclass
 class ReturnedLogits:
-    """Where the compiled graph's caller re-attaches the gradient of returned logits (backend.py, step 4): output
+    """Where the compiled graph's caller re-attaches the gradient of returned logits (backend.py, step 5): output
     `outputs[i]` for i in `positions` is a row-major view of the logits of `h @ W^T (+ b)`, and `h`, `W`, `b` are the
     extra outputs at `extra` (b: None without a bias)."""
     positions: list[int]
