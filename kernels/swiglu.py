@@ -175,9 +175,9 @@ def _flat(*ts) -> bool:
     0.570 at their best config, 4% slower; the 2-D grid with Inductor's block shape (1024 columns, 4 warps) was
     0.344 / 0.577, so the difference is per-element work (int64 row offsets, masks), not the block shape. The flat
     kernels at (1024, 4): 0.327 / 0.549, Inductor's times (sweep at 15b3b9b; 512x2 and 2048x8 within 0.3%, 4096x4
-    10% slower); through torch.compile fwd+bwd 0.872 ms, Inductor 0.872 (was 0.906). Packed
-    halves (row stride 2N) keep the 2-D kernels. Decided on strides alone (N is static): no guard on the token
-    count, which a size test would add (tests/kernels/test_traced_launch.py)."""
+    10% slower); through torch.compile fwd+bwd 0.872 ms, Inductor 0.872 (was 0.906). Packed halves (row stride 2N)
+    keep the 2-D kernels. Decided on strides alone (N is static): no guard on the token count, which a size test
+    would add (tests/kernels/test_traced_launch.py)."""
     N = ts[0].shape[1]
     return all(t.stride(0) == N and t.stride(1) == 1 for t in ts)
 

@@ -284,9 +284,9 @@ def requires_grad(node) -> bool:
 RECOMPUTE_MIN_BYTES = 1 << 30
 """Below this many bytes of recomputable outputs in a static-shape graph nothing is recomputed: the memory saved is
 small and each recomputed op is one more kernel launch in the backward, which a small step pays on the host. Llama-
-3.2-1B shape: 6.1 GiB at B8 T2048 (recompute on), 0.39 GiB at B1 T1024 (off: 49 launches fewer a step, where the
-plain path's step is host-bound; the H200 showed ~150 more launches a step than Inductor's and ~3.8 ms more host
-time in the backward, bench/host_split.py). A graph with symbolic sizes always recomputes: its sizes at run time
+3.2-1B shape: 6.1 GiB at B8 T2048 (recompute on), 0.39 GiB at B1 T1024 (off: 941 launches a step instead of 989
+on the H200, where the plain path's step is host-bound; before, it launched ~150 more a step than Inductor and
+spent ~3.8 ms more host time in the backward, bench/host_split.py). A graph with symbolic sizes always recomputes: its sizes at run time
 are not known here."""
 
 
