@@ -83,6 +83,17 @@ SHAPES = {
         batch=8, seq=2048, smoke=dict(_SMOKE_BODY, vocab_size=640),
         why="Qwen2-1.5B shape: 28 layers, vocab 151936, tied embeddings",
     ),
+    # Issue 17's third shape: Llama-3-8B's layer (H 4096, I 14336, GQA 32/8, untied lm_head) with 8 of its 32
+    # layers, so a step fits beside the optimizer state of every variant on one H200.
+    "llama-8b-8l": Shape(
+        "llama",
+        dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=8, num_attention_heads=32,
+             num_key_value_heads=8, head_dim=128, tie_word_embeddings=False, rms_norm_eps=1e-5,
+             rope_parameters=dict(rope_type="default", rope_theta=500000.0),
+             max_position_embeddings=8192, hidden_act="silu"),
+        batch=8, seq=2048, smoke=dict(_SMOKE_BODY, vocab_size=512),
+        why="Llama-3-8B shape with 8 of its 32 layers (untied lm_head)",
+    ),
     "qwen2-0.5b": Shape(
         "qwen2",
         dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,

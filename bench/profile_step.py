@@ -46,6 +46,9 @@ def main(argv=None) -> None:
     p.add_argument("--ops", action="store_true",
                    help="also a second profiled step by op with input shapes: the lm_head-sized matmuls (an operand "
                         "with the vocabulary's size) and attention, forward and backward (issue 14's table)")
+    p.add_argument("--gemms", action="store_true",
+                   help="also a profiled step's matmuls one row per (op, input shapes, cuBLAS kernel): calls, ms, "
+                        "TFLOP/s (issue 17's per-GEMM table; the kernel name ends in its layout, e.g. NNT)")
     p.add_argument("--host", type=int, default=0, metavar="N",
                    help="also profile N steps' Python with cProfile (host time per step, top functions by own time)")
     args = p.parse_args(argv)
@@ -96,6 +99,8 @@ def main(argv=None) -> None:
         print(f"  {t / 1e3:8.2f} ms  x{n:<4d} {name[:110]}")
     if args.ops:
         lm_head_and_attention(step, model.config.vocab_size)
+    if args.gemms:
+        gemm_table(step)
     if args.host:
         # Where the host's time goes when the GPU waits on it (small batches): cProfile over N steps. Its own
         # overhead inflates every Python call alike, so read the ranking, not the absolute milliseconds.
@@ -144,6 +149,41 @@ def lm_head_and_attention(step, vocab: int) -> None:
         print(f"== {label}: {sum(r[4] for r in mine) / 1e3:.2f} ms of GPU time in one step, {sum(r[3] for r in mine)} calls")
         for _, key, shapes, n, t in sorted(mine, key=lambda r: -r[4]):
             print(f"  {t / 1e3:8.2f} ms  x{n:<3d} {key} {shapes[:120]}")
+
+
+_MM_OPERANDS = {"aten::mm": (0, 1), "aten::addmm": (1, 2), "aten::addmm_": (1, 2), "aten::bmm": (0, 1),
+                "aten::baddbmm": (1, 2)}
+
+
+def _matmul_flop(name: str, shapes) -> float:
+    a, b = (shapes[i] for i in _MM_OPERANDS[name])
+    batch = a[0] if len(a) == 3 else 1
+    return 2.0 * batch * a[-2] * a[-1] * b[-1]
+
+
+def gemm_table(step) -> None:
+    """One profiled step's matmuls: each aten matmul op event with its input shapes and the kernels it launched
+    (the profiler links a kernel to the op whose launch it came from), grouped by (op, shapes, kernel)."""
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts, record_shapes=True) as prof:
+        step()
+        torch.cuda.synchronize()
+    rows = defaultdict(lambda: [0, 0.0, 0.0])  # key -> calls, us, flop
+    for evt in prof.events():
+        if evt.name not in _MM_OPERANDS or not evt.kernels:
+            continue
+        kernels = "+".join(sorted({k.name for k in evt.kernels}))
+        key = (evt.name, str(evt.input_shapes[: max(_MM_OPERANDS[evt.name]) + 1]), kernels)
+        r = rows[key]
+        r[0] += 1
+        r[1] += sum(k.duration for k in evt.kernels)
+        r[2] += _matmul_flop(evt.name, evt.input_shapes)
+    total_us, total_flop = sum(r[1] for r in rows.values()), sum(r[2] for r in rows.values())
+    print(f"== matmuls: {total_us / 1e3:.2f} ms of GPU time, {total_flop / 1e12:.1f} TFLOP "
+          f"({total_flop / total_us / 1e6:.0f} TFLOP/s), {sum(r[0] for r in rows.values())} calls")
+    print("  ms       calls  TFLOP/s  op            shapes / kernel")
+    for (name, shapes, kernels), (n, us, flop) in sorted(rows.items(), key=lambda kv: -kv[1][1]):
+        print(f"  {us / 1e3:7.2f}  x{n:<4d}  {flop / us / 1e6:6.0f}   {name:13s} {shapes[:70]} {kernels[:60]}")
 
 
 if __name__ == "__main__":

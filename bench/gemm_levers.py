@@ -1,0 +1,130 @@
+"""Issue 17's matmul levers, each measured alone before any is built: one layer's projections, separate against
+horizontally fused (one matmul on the concatenated weights), forward + backward, on the GPU.
+
+    python -m bench.gemm_levers [--shapes llama-1b,qwen2-1.5b,llama-8b-8l] [--autotune]
+
+Per shape (bench/e2e.py's configs, N = B*T tokens) it times, with CUDA events, the median of 20 fwd+bwd passes of
+  qkv     q, k, v = x Wq^T, x Wk^T, x Wv^T                 vs  y = x cat(Wq, Wk, Wv)^T, split (grads concatenated)
+  gate_up act(x Wg^T) * (x Wu^T) with liger_fx::swiglu    vs  y = x cat(Wg, Wu)^T, liger_fx::swiglu_packed(y)
+  o, down the layer's other two projections (no lever; their share of the layer)
+The fused forms pay the weight concatenation each pass (autograd splits its gradient back into views), as a
+compiled graph would. The difference times the layer count is the step's saving to expect from fusing siblings.
+--autotune also times each distinct matmul of a Llama-1B layer (forward and both backward layouts) through
+torch.compile(mode="max-autotune-no-cudagraphs") against cuBLAS: what per-shape autotuning could win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+from bench import e2e
+
+
+def _time(fn, iters: int = 20, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    ms = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        ms.append(a.elapsed_time(b))
+    return statistics.median(ms)
+
+
+def _p(*shape, grad=True):
+    return (torch.randn(*shape, device="cuda", dtype=torch.bfloat16) * 0.02).requires_grad_(grad)
+
+
+def layer_rows(name: str) -> list[tuple]:
+    import liger_fx  # noqa: F401  (registers liger_fx::swiglu / swiglu_packed)
+
+    cfg = e2e.SHAPES[name].config
+    shape = e2e.SHAPES[name]
+    N, H, I = shape.batch * shape.seq, cfg["hidden_size"], cfg["intermediate_size"]
+    hd = cfg.get("head_dim") or H // cfg["num_attention_heads"]
+    nq, nkv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+    x = _p(N, H)
+    Wq, Wk, Wv, Wo = _p(nq, H), _p(nkv, H), _p(nkv, H), _p(H, nq)
+    Wg, Wu, Wd = _p(I, H), _p(I, H), _p(H, I)
+    gq, gk, gv, gy = (torch.randn(N, n, device="cuda", dtype=torch.bfloat16) for n in (nq, nkv, nkv, I))
+    go, a = torch.randn(N, H, device="cuda", dtype=torch.bfloat16), _p(N, nq)
+    h = _p(N, I)
+    params = (x, Wq, Wk, Wv, Wo, Wg, Wu, Wd, a, h)
+
+    def run(f, grads):
+        def once():
+            torch.autograd.backward(f(), grads)
+            for t in params:
+                t.grad = None
+        return once
+
+    swiglu, packed = torch.ops.liger_fx.swiglu, torch.ops.liger_fx.swiglu_packed
+    cases = [
+        ("qkv", "separate", run(lambda: (F.linear(x, Wq), F.linear(x, Wk), F.linear(x, Wv)), (gq, gk, gv))),
+        ("qkv", "fused", run(lambda: F.linear(x, torch.cat([Wq, Wk, Wv])).split([nq, nkv, nkv], -1), (gq, gk, gv))),
+        ("gate_up", "separate", run(lambda: (swiglu(F.linear(x, Wg), F.linear(x, Wu), "silu"),), (gy,))),
+        ("gate_up", "fused", run(lambda: (packed(F.linear(x, torch.cat([Wg, Wu])), "silu"),), (gy,))),
+        ("o", "-", run(lambda: (F.linear(a, Wo),), (go,))),
+        ("down", "-", run(lambda: (F.linear(h, Wd),), (go,))),
+    ]
+    flop = {"qkv": 6 * N * H * (nq + 2 * nkv), "gate_up": 12 * N * H * I, "o": 6 * N * H * nq, "down": 6 * N * H * I}
+    rows = []
+    for block, form, fn in cases:
+        ms = _time(fn)
+        rows.append((name, block, form, ms, flop[block] / ms / 1e9))
+    return rows
+
+
+def autotune_rows() -> list[tuple]:
+    """Each distinct matmul of a Llama-1B layer at B8 T2048, in the three layouts a linear's fwd/bwd uses."""
+    N, H, I, nkv = 16384, 2048, 8192, 512
+    rows = []
+    for out_f, in_f in ((H, H), (nkv, H), (I, H), (H, I)):
+        x, w, dy = (torch.randn(*s, device="cuda", dtype=torch.bfloat16) for s in ((N, in_f), (out_f, in_f), (N, out_f)))
+        for label, f, args in (
+            ("fwd  y = x w^T", lambda x, w: x @ w.t(), (x, w)),
+            ("dx   = dy w", lambda dy, w: dy @ w, (dy, w)),
+            ("dw   = dy^T x", lambda dy, x: dy.t() @ x, (dy, x)),
+        ):
+            flop = 2 * N * out_f * in_f
+            eager = _time(lambda: f(*args), iters=30)
+            torch._dynamo.reset()
+            tuned = torch.compile(f, mode="max-autotune-no-cudagraphs", dynamic=False)
+            tuned(*args)
+            auto = _time(lambda: tuned(*args), iters=30)
+            rows.append((f"{out_f}x{in_f}", label, eager, auto, flop / eager / 1e9, flop / auto / 1e9))
+    return rows
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", default="llama-1b,qwen2-1.5b,llama-8b-8l")
+    p.add_argument("--autotune", action="store_true")
+    args = p.parse_args(argv)
+    print(f"== gemm_levers on {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    for name in args.shapes.split(","):
+        rows = layer_rows(name)
+        layers = e2e.SHAPES[name].config["num_hidden_layers"]
+        print(f"== {name}: one layer's projections, fwd+bwd, median of 20 (x {layers} layers per step)")
+        print("  block    form        ms    TFLOP/s")
+        for _, block, form, ms, tf in rows:
+            print(f"  {block:8s} {form:9s} {ms:7.3f}  {tf:6.0f}")
+        by = {(b, f): ms for _, b, f, ms, _ in rows}
+        for block in ("qkv", "gate_up"):
+            d = by[(block, "separate")] - by[(block, "fused")]
+            print(f"  {block}: fused saves {d:.3f} ms a layer, {d * layers:.2f} ms a step")
+    if args.autotune:
+        print("== Llama-1B layer matmuls: cuBLAS vs torch.compile max-autotune (ms, TFLOP/s)")
+        for w, label, eager, auto, tfe, tfa in autotune_rows():
+            print(f"  W {w:10s} {label:16s} cuBLAS {eager:6.3f} ({tfe:4.0f})  autotune {auto:6.3f} ({tfa:4.0f})")
+
+
+if __name__ == "__main__":
+    main()
