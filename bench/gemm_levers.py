@@ -9,6 +9,8 @@ Per shape (bench/e2e.py's configs, N = B*T tokens) it times, with CUDA events, t
   o, down the layer's other two projections (no lever; their share of the layer)
 The fused forms pay the weight concatenation each pass (autograd splits its gradient back into views), as a
 compiled graph would. The difference times the layer count is the step's saving to expect from fusing siblings.
+--attention times causal SDPA fwd+bwd with k/v repeated to every query head (transformers' repeat_kv, which it uses
+whenever it passes a mask) against `enable_gqa=True` on the unrepeated k/v, and names the kernels each ran.
 --autotune also times each distinct matmul of a Llama-1B layer (forward and both backward layouts) through
 torch.compile(mode="max-autotune-no-cudagraphs") against cuBLAS: what per-shape autotuning could win.
 """
@@ -16,6 +18,7 @@ torch.compile(mode="max-autotune-no-cudagraphs") against cuBLAS: what per-shape 
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 
 import torch
@@ -103,13 +106,50 @@ def autotune_rows() -> list[tuple]:
     return rows
 
 
+def attention_rows(name: str) -> list[tuple]:
+    cfg, shape = e2e.SHAPES[name].config, e2e.SHAPES[name]
+    B, T, nh, nkv = shape.batch, shape.seq, cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    d = cfg.get("head_dim") or cfg["hidden_size"] // nh
+    leaves = _p(B, T, nh, d), _p(B, T, nkv, d), _p(B, T, nkv, d)
+    q, k, v = (t.transpose(1, 2) for t in leaves)  # HF's layout: (B, H, T, d) views of (B, T, H, d) memory
+    dout = torch.randn(B, nh, T, d, device="cuda", dtype=torch.bfloat16)
+
+    def repeat(t):
+        return t[:, :, None].expand(B, nkv, nh // nkv, T, d).reshape(B, nh, T, d)
+
+    def repeated():
+        return F.scaled_dot_product_attention(q, repeat(k), repeat(v), is_causal=True)
+
+    def grouped():
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    rows = []
+    for label, f in (("repeat_kv", repeated), ("enable_gqa", grouped)):
+        def once():
+            f().backward(dout)
+            for t in leaves:
+                t.grad = None
+        ms = _time(once)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            once()
+            torch.cuda.synchronize()
+        names = sorted({e.key[:48] for e in prof.key_averages() if re.search("attn|attention|sdpa|flash|fmha", e.key, re.I)})
+        rows.append((name, label, ms, names))
+    return rows
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default="llama-1b,qwen2-1.5b,llama-8b-8l")
     p.add_argument("--autotune", action="store_true")
+    p.add_argument("--attention", action="store_true")
+    p.add_argument("--no-layers", action="store_true", help="skip the projection rows")
     args = p.parse_args(argv)
     print(f"== gemm_levers on {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    for name in args.shapes.split(","):
+    for name in args.shapes.split(",") if args.attention else ():
+        for _, label, ms, names in attention_rows(name):
+            print(f"== {name} causal SDPA fwd+bwd, {label:10s}: {ms:7.3f} ms  kernels: {'; '.join(names)}")
+    for name in args.shapes.split(",") if not args.no_layers else ():
         rows = layer_rows(name)
         layers = e2e.SHAPES[name].config["num_hidden_layers"]
         print(f"== {name}: one layer's projections, fwd+bwd, median of 20 (x {layers} layers per step)")

@@ -6,8 +6,9 @@ Dynamo hands us its FX graph and example inputs. We
   1. retrace it to canonical pre-dispatch ATen (canonicalize.to_aten); an SDPA whose mask is provably causal runs
      with is_causal=True instead (causal_mask.causal_sdpa; option `causal_sdpa`),
   2. run the enabled pattern families in order (rewrite.apply_family), each replacing subgraphs with one fused op
-     that carries its own backward, and mark the cheap ones' outputs for recomputation in the backward
-     (rewrite.tag_recompute; option `recompute`),
+     that carries its own backward; run sibling linears on one input as one matmul where one is narrow (GQA's k/v:
+     projections.fuse_sibling_linears; option `fuse_projections`); and mark the cheap ones' outputs for
+     recomputation in the backward (rewrite.tag_recompute; option `recompute`),
   3. take logits that are returned beside a fused loss out of the graph's autograd, with the lm_head's inputs as
      extra outputs (linear_cross_entropy.detach_returned_logits): autograd would otherwise make them a zeros
      gradient of N x V at the step's peak,
@@ -21,6 +22,7 @@ that compiles with Inductor never fails with liger.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import logging
@@ -34,7 +36,7 @@ from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicO
 from torch._dynamo.utils import counters
 from torch._inductor.compile_fx import compile_fx
 
-from . import causal_mask, distributed, rewrite
+from . import causal_mask, distributed, projections, rewrite
 from .kernels.fused_linear_cross_entropy import reattach_logits_grad
 from .patterns import linear_cross_entropy
 from .canonicalize import to_aten, where
@@ -71,6 +73,8 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, config: LigerConfig, recor
     before = _op_counts(traced) if log.isEnabledFor(logging.DEBUG) else None
     for name, fn in passes():
         fn(traced, config, record)
+    if config.fuse_projections:
+        record.fused_projections = projections.fuse_sibling_linears(traced.graph)
     if config.recompute:
         n = rewrite.tag_recompute(traced.graph)
         log.debug("liger_fx: graph %d: %d fused outputs recomputed in the backward", record.index, n)
@@ -103,6 +107,8 @@ def liger_backend(gm: fx.GraphModule, example_inputs, options: dict | None = Non
     record = rewrite.GraphRecord(next(_graph_index))
     rewrite.RECORDS.append(record)
     ddp_module = distributed.owned_ddp_module()  # DDP's whole graph, ours to cut after the rewrite (or None)
+    if ddp_module is not None and config.fuse_projections:  # DDPOptimizer buckets each parameter where it is used
+        config = dataclasses.replace(config, fuse_projections=False)
     returned: list[linear_cross_entropy.ReturnedLogits] = []
     try:
         compiled_gm = rewrite_graph(gm, example_inputs, config, record)
@@ -179,6 +185,7 @@ def _fall_back(record: rewrite.GraphRecord, step: str, e: Exception) -> None:
     record.replaced.clear()
     record.misses.clear()
     record.causal_sdpa = []
+    record.fused_projections = []
     record.logits_grad_outside = 0
     log.warning("liger_fx: %s of graph %d failed (%s); compiling it with plain Inductor",
                 step, record.index, record.fallback)
@@ -202,4 +209,6 @@ def _commit(record: rewrite.GraphRecord) -> None:
         counters["liger_fx"][r.flag] += 1
     if record.causal_sdpa:
         counters["liger_fx"]["causal_sdpa"] += len(record.causal_sdpa)
+    if record.fused_projections:
+        counters["liger_fx"]["fused_projections"] += len(record.fused_projections)
     log.info(record.summary())

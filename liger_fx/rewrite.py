@@ -98,6 +98,8 @@ class GraphRecord:
     ddp_buckets: int = 0
     """How many DDP gradient buckets the graph was cut into after the rewrite (distributed.split_after_rewrite); 0
     when the backend did not cut it."""
+    fused_projections: list[str] = dataclasses.field(default_factory=list)
+    """Where sibling linears on one input became one matmul (option `fuse_projections`; liger_fx/projections.py)."""
     logits_grad_outside: int = 0
     """How many returned logits leave the graph without a gradient path, theirs attached by the caller
     (patterns/linear_cross_entropy.detach_returned_logits): no zeros gradient of N x V in the backward."""
@@ -117,6 +119,8 @@ class GraphRecord:
             return f"liger_fx: graph {self.index}: rewrite failed, compiled with plain Inductor ({self.fallback})"
         counts = self.counts()
         causal = f"; {len(self.causal_sdpa)} causal mask(s) -> SDPA is_causal" if self.causal_sdpa else ""
+        if self.fused_projections:
+            causal += f"; {len(self.fused_projections)} sibling projection group(s) -> one matmul"
         if not counts:
             return f"liger_fx: graph {self.index}: no applicable patterns{causal}"
         parts = [f"{flag} {r}/{c}" for flag, (r, c) in counts.items()]

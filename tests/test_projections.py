@@ -1,0 +1,126 @@
+"""Option `fuse_projections`: sibling linears on one input with a narrow member run as one matmul
+(liger_fx/projections.py). Training must equal eager, RoPE must still fuse on the split parts, wide or mixed-frozen
+siblings stay apart, and the fused output must not be kept alive by what the backward saves."""
+
+import copy
+import os
+from unittest import mock
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+
+from liger_fx import backend, rewrite
+from liger_fx.models import mini_model
+from tests.helpers import batch, compare_training, replaced
+from tests.test_recompute import _partition_only
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: biased q/k/v
+def test_gqa_projections_fuse_and_train_as_eager(family):
+    model = mini_model(family)
+    ids, labels = batch(model.config.vocab_size, b=2, t=16)
+    compare_training(model, ids, labels)
+    layers = model.config.num_hidden_layers
+    assert replaced("fused_projections") == layers
+    assert replaced("rope") == 2 * layers  # the rotation still matches on the split parts of q and k
+    [record] = rewrite.get_records()
+    assert all(w.endswith("self_attn.q_proj") for w in record.fused_projections), record.fused_projections
+    assert "sibling projection group(s) -> one matmul" in record.summary()
+
+
+def test_option_off_leaves_the_linears():
+    model = mini_model("llama")
+    ids, labels = batch(model.config.vocab_size, b=2, t=16)
+    compare_training(model, ids, labels, options={"fuse_projections": False})
+    assert replaced("fused_projections") == 0
+    assert not rewrite.get_records()[0].fused_projections
+
+
+class _Block(nn.Module):
+    """Plain PyTorch: three projections of one input, the last two narrow (grouped-query k and v), and an MLP whose
+    two wide siblings must stay apart."""
+
+    def __init__(self, h=32, kv=8, i=64, bias=False):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(h, h, bias=bias), nn.Linear(h, kv, bias=bias), nn.Linear(h, kv, bias=bias)
+        self.gate, self.up, self.down = nn.Linear(h, i, bias=False), nn.Linear(h, i, bias=False), nn.Linear(i, h)
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, 4, 8).transpose(1, 2)
+        k = self.k(x).view(B, T, 1, 8).transpose(1, 2)
+        v = self.v(x).view(B, T, 1, 8).transpose(1, 2)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        x = x + a.transpose(1, 2).reshape(B, T, -1)
+        return x + self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+def _train(module, x):
+    module.zero_grad(set_to_none=True)
+    module(x).square().mean().backward()
+    return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_plain_module_fuses_only_the_narrow_group(bias):
+    torch.manual_seed(0)
+    block, x = _Block(bias=bias), torch.randn(2, 16, 32)
+    ref = _train(block, x)
+    fn = torch.compile(copy.deepcopy(block), backend="liger")
+    got = _train(fn, x)
+    assert replaced("fused_projections") == 1  # q/k/v; gate/up (both wider than their input) stay two matmuls
+    assert set(got) == {f"_orig_mod.{n}" for n in ref}
+    for name, g in ref.items():
+        torch.testing.assert_close(got[f"_orig_mod.{name}"], g, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_frozen_weight_is_not_fused_with_trained_ones():
+    """k frozen: q and v (trained, v narrow) fuse; k stays alone and gets no gradient."""
+    torch.manual_seed(0)
+    block, x = _Block(), torch.randn(2, 16, 32)
+    block.k.weight.requires_grad_(False)
+    ref = _train(block, x)
+    fn = torch.compile(copy.deepcopy(block), backend="liger")
+    got = _train(fn, x)
+    assert replaced("fused_projections") == 1
+    assert "_orig_mod.k.weight" not in got
+    for name, g in ref.items():
+        torch.testing.assert_close(got[f"_orig_mod.{name}"], g, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def _saved_storage_bytes(model, ids, labels, options) -> int:
+    """Bytes of the storages (not views) the compiled forward saves for backward, parameters excluded."""
+    torch._dynamo.reset()
+    fn = torch.compile(model, backend="liger", options=options)
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with mock.patch.object(backend, "compile_fx", _partition_only):
+        # use_cache=False: with a cache, k and v reach SDPA through a concatenation (a copy), as no training does
+        fn(input_ids=ids, labels=labels, use_cache=False).loss.backward()  # compile outside the hooks
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(input_ids=ids, labels=labels, use_cache=False)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return sum(n for ptr, n in seen.items() if ptr not in params)
+
+
+@pytest.mark.parametrize("grouped_sdpa", [False, True])
+def test_fusion_saves_no_more_for_backward(grouped_sdpa):
+    """Neither the concatenated weight (recomputed in the backward) nor the fused output is saved. With transformers'
+    grouped SDPA (enable_gqa, no repeat of k/v; forced here as on CUDA without a mask) SDPA saves v itself: without
+    the copy of v's part, the saved view kept the whole fused output alive (+3x v's bytes a layer, seen)."""
+    model = mini_model("llama")
+    ids, labels = batch(model.config.vocab_size, b=2, t=16)
+    env = {"TRANSFORMERS_SDPA_FORCE_GQA": "1" if grouped_sdpa else "0"}
+    with mock.patch.dict(os.environ, env):
+        on = _saved_storage_bytes(copy.deepcopy(model), ids, labels, None)
+        fused = counters["liger_fx"]["fused_projections"]
+        off = _saved_storage_bytes(copy.deepcopy(model), ids, labels, {"fuse_projections": False})
+    assert fused == model.config.num_hidden_layers
+    assert on == off, (on, off)
