@@ -4,7 +4,8 @@
 
 Dynamo hands us its FX graph and example inputs. We
   1. retrace it to canonical pre-dispatch ATen (canonicalize.to_aten); an SDPA whose mask is provably causal runs
-     with is_causal=True instead (causal_mask.causal_sdpa; option `causal_sdpa`),
+     with is_causal=True instead (causal_mask.causal_sdpa; option `causal_sdpa`), and an unmasked SDPA on k/v
+     repeated to every query head runs on the grouped k/v with enable_gqa (grouped_sdpa; option `grouped_sdpa`),
   2. run the enabled pattern families in order (rewrite.apply_family), each replacing subgraphs with one fused op
      that carries its own backward; run sibling linears on one input as one matmul where one is narrow (GQA's k/v:
      projections.fuse_sibling_linears; option `fuse_projections`); and mark the cheap ones' outputs for
@@ -36,7 +37,7 @@ from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicO
 from torch._dynamo.utils import counters
 from torch._inductor.compile_fx import compile_fx
 
-from . import causal_mask, distributed, projections, rewrite
+from . import causal_mask, distributed, grouped_sdpa, projections, rewrite
 from .kernels.fused_linear_cross_entropy import reattach_logits_grad
 from .patterns import linear_cross_entropy
 from .canonicalize import to_aten, where
@@ -70,6 +71,8 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, config: LigerConfig, recor
     traced = to_aten(gm, example_inputs)
     if config.causal_sdpa:
         record.causal_sdpa = [where(n) for n in causal_mask.causal_sdpa(traced.graph)]
+    if config.grouped_sdpa:
+        record.grouped_sdpa = [where(n) for n in grouped_sdpa.grouped_sdpa(traced.graph)]
     before = _op_counts(traced) if log.isEnabledFor(logging.DEBUG) else None
     for name, fn in passes():
         fn(traced, config, record)
@@ -186,6 +189,7 @@ def _fall_back(record: rewrite.GraphRecord, step: str, e: Exception) -> None:
     record.misses.clear()
     record.causal_sdpa = []
     record.fused_projections = []
+    record.grouped_sdpa = []
     record.logits_grad_outside = 0
     log.warning("liger_fx: %s of graph %d failed (%s); compiling it with plain Inductor",
                 step, record.index, record.fallback)
@@ -209,6 +213,8 @@ def _commit(record: rewrite.GraphRecord) -> None:
         counters["liger_fx"][r.flag] += 1
     if record.causal_sdpa:
         counters["liger_fx"]["causal_sdpa"] += len(record.causal_sdpa)
+    if record.grouped_sdpa:
+        counters["liger_fx"]["grouped_sdpa"] += len(record.grouped_sdpa)
     if record.fused_projections:
         counters["liger_fx"]["fused_projections"] += len(record.fused_projections)
     log.info(record.summary())

@@ -98,6 +98,8 @@ class GraphRecord:
     ddp_buckets: int = 0
     """How many DDP gradient buckets the graph was cut into after the rewrite (distributed.split_after_rewrite); 0
     when the backend did not cut it."""
+    grouped_sdpa: list[str] = dataclasses.field(default_factory=list)
+    """Where SDPA runs on unrepeated grouped k/v with enable_gqa (option `grouped_sdpa`; liger_fx/grouped_sdpa.py)."""
     fused_projections: list[str] = dataclasses.field(default_factory=list)
     """Where sibling linears on one input became one matmul (option `fuse_projections`; liger_fx/projections.py)."""
     logits_grad_outside: int = 0
@@ -119,6 +121,8 @@ class GraphRecord:
             return f"liger_fx: graph {self.index}: rewrite failed, compiled with plain Inductor ({self.fallback})"
         counts = self.counts()
         causal = f"; {len(self.causal_sdpa)} causal mask(s) -> SDPA is_causal" if self.causal_sdpa else ""
+        if self.grouped_sdpa:
+            causal += f"; {len(self.grouped_sdpa)} SDPA on grouped k/v (no repeat)"
         if self.fused_projections:
             causal += f"; {len(self.fused_projections)} sibling projection group(s) -> one matmul"
         if not counts:

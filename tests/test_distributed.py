@@ -171,7 +171,8 @@ def test_fsdp2_tied_lm_head_is_gathered_rewritten_and_trains_like_eager(tmp_path
         # and no graph has a near miss or a fallback.
         assert len(records) >= 3, [r["summary"] for r in records]
         assert all(r["fallback"] is None and not r["misses"] for r in records), [r["summary"] for r in records]
-        assert set(rank["counters"]) == set(expected), (rank["counters"], expected)
+        flags = {k for k in rank["counters"] if k in LigerConfig.flag_names()}  # not the option passes' counts
+        assert flags == set(expected), (rank["counters"], expected)
         # What the backend received: no DTensor anywhere; lm_head's weight all-gathered, plain, full (vocab, hidden).
         inputs = rank["graph_inputs"]
         assert sum(g["dtensors"] for g in inputs) == 0, inputs

@@ -13,6 +13,7 @@ from torch._dynamo.utils import counters
 
 import liger_fx
 from liger_fx import backend
+from liger_fx.config import LigerConfig
 from liger_fx.models import mini_model
 from tests.helpers import batch, train_step
 
@@ -64,9 +65,11 @@ def _assert_trains_like_eager(model, compile_fn, ids, labels):
 
 
 def _liger_counts():
-    """The fused-op counters. causal_sdpa is left out: whether a causal mask reaches SDPA at all depends on the
-    transformers release (5.17 materializes it under compile, newer ones do not); tests/test_causal_mask.py has it."""
-    return {k: v for k, v in counters["liger_fx"].items() if v and k != "causal_sdpa"}
+    """The fused-op counters, not the option passes' (causal_sdpa, grouped_sdpa, fused_projections): whether a
+    causal mask or a repeat of k/v reaches SDPA at all depends on the transformers release (5.17 materializes the mask
+    under compile, newer ones do not); tests/test_causal_mask.py, test_grouped_sdpa.py and test_projections.py have
+    them."""
+    return {k: v for k, v in counters["liger_fx"].items() if v and k in LigerConfig.flag_names()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
