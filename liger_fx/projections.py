@@ -27,6 +27,7 @@ import operator
 
 import torch
 import torch.fx as fx
+from torch._dispatch.python import enable_python_dispatcher
 from torch._guards import detect_fake_mode
 from torch.utils.checkpoint import CheckpointPolicy
 
@@ -73,7 +74,9 @@ def _add(graph: fx.Graph, target, args: tuple, meta: dict) -> fx.Node:
     node.meta = dict(meta)
     vals = fx.map_arg(args, _val)
     fake_mode = detect_fake_mode(_tensors(vals))
-    with fake_mode if fake_mode is not None else contextlib.nullcontext():
+    # The python dispatcher decomposes composite ops (linear) on symbolic sizes; torch 2.11 without it raises
+    # "Cannot call numel() on tensor with symbolic sizes" under dynamic=True (seen on the H200 and on CPU).
+    with fake_mode if fake_mode is not None else contextlib.nullcontext(), enable_python_dispatcher():
         node.meta["val"] = target(*vals)
     return node
 

@@ -124,3 +124,17 @@ def test_fusion_saves_no_more_for_backward(grouped_sdpa):
         off = _saved_storage_bytes(copy.deepcopy(model), ids, labels, {"fuse_projections": False})
     assert fused == model.config.num_hidden_layers
     assert on == off, (on, off)
+
+
+def test_symbolic_lengths_fuse_without_fallback():
+    """dynamic=True: the fused matmul's fake value is computed on symbolic sizes (torch 2.11 needs the python
+    dispatcher to decompose `linear` there: without it the whole rewrite fell back to plain Inductor, seen on the
+    H200's GPU test). At two lengths: no fallback, every group fused, gradients as eager. (One compile serving many
+lengths is tests/patterns/test_dynamic.py's and test_grouped_sdpa.py's check.)"""
+    model = mini_model("qwen3")  # q/k norms: the q and k parts get copies (rms_norm saves its input)
+    for t in (16, 24):
+        ids, labels = batch(model.config.vocab_size, b=2, t=t)
+        compare_training(copy.deepcopy(model), ids, labels, dynamic=True)
+    records = rewrite.get_records()
+    assert records and all(r.fallback is None for r in records), [r.summary() for r in records]
+    assert all(len(r.fused_projections) == model.config.num_hidden_layers for r in records)
