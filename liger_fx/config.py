@@ -42,9 +42,10 @@ class LigerConfig:
     inputs are saved anyway (each backward reads them), so the outputs are pure extra: per Llama-3.2-1B layer at
     B8 T2048 bf16, two norm outputs of 64 MiB and one SwiGLU output of 256 MiB, 6 GiB over 16 layers. The price is
     one more forward launch of each op in the backward (bench/RESULTS.md has both numbers). Liger cannot do this: in
-    eager mode the next nn.Linear saves its input. A static-shape graph whose fused outputs hold under 1 GiB
-    recomputes nothing (rewrite.RECOMPUTE_MIN_BYTES: 0.39 GiB at Llama-3.2-1B B1 T1024, where the extra launches
-    cost host time and the memory does not matter)."""
+    eager mode the next nn.Linear saves its input. A static-shape graph that holds the whole step (embedding to
+    loss) and whose fused outputs hold under 1 GiB recomputes nothing (rewrite.RECOMPUTE_MIN_BYTES: 0.39 GiB at
+    Llama-3.2-1B B1 T1024, where the extra launches cost host time and the memory does not matter); a graph per layer
+    (FSDP2) always recomputes."""
 
     causal_sdpa: bool = True
     """Run SDPA with `is_causal=True` where its boolean mask is provably the causal triangle (built from aranges,
