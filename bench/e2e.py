@@ -29,7 +29,7 @@ from bench.common import GiB
 # Priority order: run.py runs them in this order, so a short time budget still yields the headline ratios
 # (liger_fx against hf_liger_kernel and inductor); the expected crash goes last.
 VARIANTS = ("hf_eager", "hf_liger_kernel", "liger_fx", "inductor", "hf_hook", "inductor_on_liger_kernel",
-            "hf_hook_save", "inductor_ro", "liger_fx_ro", "hf_hook_ro", "hf_hook_unfused", "hf_hook_noreuse")
+            "hf_hook_save", "inductor_ro", "liger_fx_ro", "hf_hook_ro", "hf_hook_unfused")
 VARIANT_HELP = {
     "hf_eager": "HF model as is (SDPA attention)",
     "hf_liger_kernel": "liger-kernel's monkeypatch on the instance (liger_kernel.transformers.monkey_patch)",
@@ -42,8 +42,6 @@ VARIANT_HELP = {
     "liger_fx_ro": 'torch.compile(model, backend="liger", options={"mode": "reduce-overhead"})',
     "hf_hook_ro": 'liger_fx.apply(model, mode="reduce-overhead")',
     "hf_hook_unfused": "liger_fx.apply(model, fuse_projections=False): q/k/v as three matmuls (issue 17's A/B)",
-    "hf_hook_noreuse": "liger_fx.apply(model) with Inductor's allow_buffer_reuse off (a freed buffer kept for reuse "
-                       "stays alive until then)",
 }
 LR = 1e-4
 
@@ -189,10 +187,6 @@ def make_variant(variant: str, model, device):
     if variant == "hf_hook_save":
         _ensure_liger_backend()
         return _hf_hook(model, recompute=False)
-    if variant == "hf_hook_noreuse":
-        _ensure_liger_backend()
-        torch._inductor.config.allow_buffer_reuse = False  # this process only: one variant per process
-        return _hf_hook(model)
     if variant == "hf_hook_unfused":
         _ensure_liger_backend()
         return _hf_hook(model, fuse_projections=False)
