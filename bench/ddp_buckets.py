@@ -72,7 +72,7 @@ def compare(cfg: dict, cap: int, dtype: torch.dtype, loss_only: bool = False, se
                 rename = {}
             else:
                 records.append(GraphRecord(0))
-                traced = rewrite_graph(gm, inputs, LigerConfig(), records[-1])
+                traced = rewrite_graph(gm, inputs, distributed.ddp_config(LigerConfig()), records[-1])
                 distributed.carry_dynamo_meta(gm, traced)
                 optimizer = DDPOptimizer(bucket_bytes_cap=cap, backend_compile_fn=lambda g, x: g.forward,
                                          first_bucket_cap=first)

@@ -23,7 +23,6 @@ that compiles with Inductor never fails with liger.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import itertools
 import logging
@@ -110,8 +109,8 @@ def liger_backend(gm: fx.GraphModule, example_inputs, options: dict | None = Non
     record = rewrite.GraphRecord(next(_graph_index))
     rewrite.RECORDS.append(record)
     ddp_module = distributed.owned_ddp_module()  # DDP's whole graph, ours to cut after the rewrite (or None)
-    if ddp_module is not None and config.fuse_projections:  # DDPOptimizer buckets each parameter where it is used
-        config = dataclasses.replace(config, fuse_projections=False)
+    if ddp_module is not None:
+        config = distributed.ddp_config(config)
     returned: list[linear_cross_entropy.ReturnedLogits] = []
     try:
         compiled_gm = rewrite_graph(gm, example_inputs, config, record)

@@ -39,6 +39,7 @@ check it (tests/test_distributed.py).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import contextvars
 import logging
 from typing import Callable
@@ -47,6 +48,7 @@ import torch
 import torch.fx as fx
 
 from .canonicalize import where
+from .config import LigerConfig
 from .rewrite import GraphRecord
 
 log = logging.getLogger("liger_fx")
@@ -58,6 +60,13 @@ CUT_REASON = (
 )
 
 _warned = False
+
+
+def ddp_config(config: LigerConfig) -> LigerConfig:
+    """The config a graph that DDP will cut into buckets is rewritten with: no fused projections. DDPOptimizer puts
+    each parameter in the bucket where it is used, so one concatenation of q/k/v's weights would move the bucket
+    boundaries (tests/test_distributed.py checks that the layout stays Dynamo's); not measured under DDP."""
+    return dataclasses.replace(config, fuse_projections=False) if config.fuse_projections else config
 
 
 def is_ddp_bucket(gm: fx.GraphModule) -> bool:

@@ -103,8 +103,11 @@ def assert_every_family_replaced():
         assert not rec.misses, rec.summary()  # every candidate of every family became a fused op
         for flag, (n, _) in rec.counts().items():
             totals[flag] = totals.get(flag, 0) + n
-        if rec.causal_sdpa:  # a materialized causal mask (transformers 5.17 builds one under compile; newer skip it)
-            totals["causal_sdpa"] = totals.get("causal_sdpa", 0) + len(rec.causal_sdpa)
+        # the option passes: a materialized causal mask (transformers 5.17 builds one under compile; newer skip it),
+        # SDPA on repeated k/v, GQA's q/k/v as one matmul
+        for option in ("causal_sdpa", "grouped_sdpa", "fused_projections"):
+            if getattr(rec, option):
+                totals[option] = totals.get(option, 0) + len(getattr(rec, option))
     present = [f.__name__.rsplit(".", 1)[-1] for f in rewrite.families()]
     for name in present:
         if name in LLAMA_FAMILIES:

@@ -50,10 +50,13 @@ def all_run(tmp_path_factory):
 
 
 def _check_schema(entry: dict) -> None:
-    assert set(entry) == {"model", "model_type", "graph_breaks", "patterns", "causal_sdpa"}
+    assert set(entry) == {"model", "model_type", "graph_breaks", "patterns", "causal_sdpa", "grouped_sdpa",
+                          "fused_projections"}
     assert isinstance(entry["model"], str) and isinstance(entry["model_type"], str)
     # masks SDPA was told are causal (option causal_sdpa): transformers 5.17 builds them, 5.24 already skips them
     assert isinstance(entry["causal_sdpa"], int) and entry["causal_sdpa"] >= 0
+    assert isinstance(entry["grouped_sdpa"], int) and entry["grouped_sdpa"] >= 0
+    assert isinstance(entry["fused_projections"], int) and entry["fused_projections"] >= 0
     assert isinstance(entry["graph_breaks"], int) and entry["graph_breaks"] >= 0
     assert list(entry["patterns"]) == list(FLAGS)  # every flag, in the config's order, even at 0/0
     for flag, p in entry["patterns"].items():
@@ -83,6 +86,10 @@ def test_json_has_the_schema_for_every_family(all_run):
     for entry in doc["models"]:
         _check_schema(entry)
         assert entry["model_type"] == entry["model"]
+    by_model = {e["model"]: e for e in doc["models"]}
+    # the option pass, counted per graph: the mini Llama's grouped-query q/k/v (4 heads over 2) of both its layers
+    # are one matmul each; Phi-3's packed qkv_proj has no siblings
+    assert by_model["llama"]["fused_projections"] >= 2 and by_model["phi3"]["fused_projections"] == 0
 
 
 def test_json_agrees_with_the_backends_counters_and_records(all_run):
