@@ -248,15 +248,19 @@ def _triangle(mask) -> tuple | None:
     return q_index[1], kv_index[1]
 
 
+def sdpa_calls(graph: fx.Graph):
+    """(node, args as a list, kwargs as a dict, attn_mask) of every SDPA call, for a pass to edit and write back."""
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is aten.scaled_dot_product_attention.default:
+            args, kwargs = list(node.args), dict(node.kwargs)
+            yield node, args, kwargs, (args[3] if len(args) > 3 else kwargs.get("attn_mask"))
+
+
 def causal_sdpa(graph: fx.Graph) -> list[fx.Node]:
     """Rewrite every SDPA whose boolean mask is the causal triangle over equal query and key lengths to
     `is_causal=True` with no mask. Returns the rewritten SDPA nodes."""
     done = []
-    for node in graph.nodes:
-        if node.op != "call_function" or node.target is not aten.scaled_dot_product_attention.default:
-            continue
-        args, kwargs = list(node.args), dict(node.kwargs)
-        mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
+    for node, args, kwargs, mask in sdpa_calls(graph):
         is_causal = args[5] if len(args) > 5 else kwargs.get("is_causal", False)
         if not isinstance(mask, fx.Node) or is_causal:
             continue

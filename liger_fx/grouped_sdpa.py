@@ -26,6 +26,7 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .canonicalize import val as _val
+from .causal_mask import sdpa_calls
 
 aten = torch.ops.aten
 
@@ -51,7 +52,7 @@ def unrepeated(node) -> tuple[fx.Node, int] | None:
         return None
     x = unsqueeze.args[0]
     xv, ev, rv = _val(x), _val(expand), _val(node)
-    if not all(isinstance(t, torch.Tensor) for t in (xv, ev, rv)) or xv.dim() != 4 or ev.dim() != 5:
+    if not all(isinstance(t, torch.Tensor) for t in (xv, ev, rv)) or (xv.dim(), ev.dim(), rv.dim()) != (4, 5, 4):
         return None
     if unsqueeze.args[1] % 5 != 2:
         return None
@@ -60,18 +61,14 @@ def unrepeated(node) -> tuple[fx.Node, int] | None:
     if not isinstance(g, int) or g < 2:
         return None
     same = [ev.shape[i] == s for i, s in ((0, B), (1, kv), (3, T), (4, d))]
-    same += [rv.dim() == 4 and _known(rv.shape[1] == kv * g)] + [rv.shape[i] == s for i, s in ((0, B), (2, T), (3, d))]
+    same += [rv.shape[1] == kv * g] + [rv.shape[i] == s for i, s in ((0, B), (2, T), (3, d))]
     return (x, g) if all(_known(c) for c in same) else None
 
 
 def grouped_sdpa(graph: fx.Graph) -> list[fx.Node]:
     """Rewrite every unmasked SDPA whose k and v are repeats of grouped heads; returns the rewritten SDPA nodes."""
     done = []
-    for node in graph.nodes:
-        if node.op != "call_function" or node.target is not aten.scaled_dot_product_attention.default:
-            continue
-        args, kwargs = list(node.args), dict(node.kwargs)
-        mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
+    for node, args, kwargs, mask in sdpa_calls(graph):
         if mask is not None or kwargs.get("enable_gqa", False):
             continue
         k, v = unrepeated(args[1]), unrepeated(args[2])
