@@ -17,6 +17,7 @@ import re
 import torch
 import torch.fx as fx
 import torch.fx.traceback as fx_traceback
+from torch._dispatch.python import enable_python_dispatcher
 from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 from torch.fx.experimental.proxy_tensor import make_fx
@@ -151,15 +152,24 @@ def val(node):
 _val = val
 
 
+def fake_value(target, args, kwargs=None):
+    """`target(*args, **kwargs)` on the nodes' fake values: the `val` of a node a pass inserts. Under the python
+    dispatcher, which decomposes composite ops (linear) on symbolic sizes: torch 2.11 without it raised "Cannot call
+    numel() on tensor with symbolic sizes" under dynamic=True (seen on the H200, liger_fx/projections.py)."""
+    vals = fx.map_arg((tuple(args), kwargs or {}), _val)
+    tensors = []
+    fx.node.map_aggregate(vals, lambda v: tensors.append(v) if isinstance(v, torch.Tensor) else None)
+    fake_mode = detect_fake_mode(tensors)
+    with fake_mode if fake_mode is not None else contextlib.nullcontext(), enable_python_dispatcher():
+        return target(*vals[0], **vals[1])
+
+
 def _replace(graph: fx.Graph, node: fx.Node, target, args, kwargs=None) -> fx.Node:
     """Insert `target(*args)` before `node`, give it node's metadata and a fresh fake value, and take its uses."""
     with graph.inserting_before(node):
         new = graph.call_function(target, tuple(args), kwargs or {})
     new.meta = dict(node.meta)
-    vals = fx.map_arg((args, kwargs or {}), _val)
-    fake_mode = detect_fake_mode([v for v in vals[0] if isinstance(v, torch.Tensor)])
-    with fake_mode if fake_mode is not None else contextlib.nullcontext():
-        new.meta["val"] = target(*vals[0], **vals[1])
+    new.meta["val"] = fake_value(target, args, kwargs)
     node.replace_all_uses_with(new)
     graph.erase_node(node)
     return new

@@ -21,17 +21,14 @@ weight gradient for nothing), biases all present or all absent.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import operator
 
 import torch
 import torch.fx as fx
-from torch._dispatch.python import enable_python_dispatcher
-from torch._guards import detect_fake_mode
 from torch.utils.checkpoint import CheckpointPolicy
 
-from .canonicalize import mark_in_code, val as _val, where
+from .canonicalize import fake_value, mark_in_code, val as _val, where
 
 log = logging.getLogger("liger_fx")
 aten = torch.ops.aten
@@ -62,22 +59,11 @@ def _key(node: fx.Node):
     return wv.dtype, wv.device, wv.shape[1], wv.requires_grad, b is None
 
 
-def _tensors(vals) -> list:
-    out = []
-    fx.node.map_aggregate(vals, lambda v: out.append(v) if isinstance(v, torch.Tensor) else None)
-    return out
-
-
 def _add(graph: fx.Graph, target, args: tuple, meta: dict) -> fx.Node:
     """Insert `target(*args)` with `meta` (the replaced linear's module stack and tags) and its fake value."""
     node = graph.call_function(target, args)
     node.meta = dict(meta)
-    vals = fx.map_arg(args, _val)
-    fake_mode = detect_fake_mode(_tensors(vals))
-    # The python dispatcher decomposes composite ops (linear) on symbolic sizes; torch 2.11 without it raises
-    # "Cannot call numel() on tensor with symbolic sizes" under dynamic=True (seen on the H200 and on CPU).
-    with fake_mode if fake_mode is not None else contextlib.nullcontext(), enable_python_dispatcher():
-        node.meta["val"] = target(*vals)
+    node.meta["val"] = fake_value(target, args)
     return node
 
 

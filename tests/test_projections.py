@@ -12,10 +12,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
-from liger_fx import backend, rewrite
+from liger_fx import rewrite
 from liger_fx.models import mini_model
 from tests.helpers import batch, compare_training, replaced
-from tests.test_recompute import _partition_only
+from tests.test_recompute import _saved_bytes_and_step
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: biased q/k/v
@@ -91,25 +91,6 @@ def test_frozen_weight_is_not_fused_with_trained_ones():
         torch.testing.assert_close(got[f"_orig_mod.{name}"], g, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
-def _saved_storage_bytes(model, ids, labels, options) -> int:
-    """Bytes of the storages (not views) the compiled forward saves for backward, parameters excluded."""
-    torch._dynamo.reset()
-    fn = torch.compile(model, backend="liger", options=options)
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with mock.patch.object(backend, "compile_fx", _partition_only):
-        # use_cache=False: with a cache, k and v reach SDPA through a concatenation (a copy), as no training does
-        fn(input_ids=ids, labels=labels, use_cache=False).loss.backward()  # compile outside the hooks
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            fn(input_ids=ids, labels=labels, use_cache=False)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    return sum(n for ptr, n in seen.items() if ptr not in params)
-
-
 @pytest.mark.parametrize("grouped_sdpa", [False, True])
 def test_fusion_saves_no_more_for_backward(grouped_sdpa):
     """Neither the concatenated weight (recomputed in the backward) nor the fused output is saved. With transformers'
@@ -119,9 +100,11 @@ def test_fusion_saves_no_more_for_backward(grouped_sdpa):
     ids, labels = batch(model.config.vocab_size, b=2, t=16)
     env = {"TRANSFORMERS_SDPA_FORCE_GQA": "1" if grouped_sdpa else "0"}
     with mock.patch.dict(os.environ, env):
-        on = _saved_storage_bytes(copy.deepcopy(model), ids, labels, None)
+        # use_cache=False: with a cache, k and v reach SDPA through a concatenation (a copy), as no training does
+        kw = dict(storages=True, use_cache=False)
+        on, _ = _saved_bytes_and_step(copy.deepcopy(model), ids, labels, None, **kw)
         fused = counters["liger_fx"]["fused_projections"]
-        off = _saved_storage_bytes(copy.deepcopy(model), ids, labels, {"fuse_projections": False})
+        off, _ = _saved_bytes_and_step(copy.deepcopy(model), ids, labels, {"fuse_projections": False}, **kw)
     assert fused == model.config.num_hidden_layers
     assert on == off, (on, off)
 

@@ -29,21 +29,27 @@ def _partition_only(gm, example_inputs, config_patches=None):
                         partition_fn=min_cut_rematerialization_partition)(gm, example_inputs)
 
 
-def _saved_bytes_and_step(model, ids, labels, options):
-    """(bytes saved for backward by one forward, (loss, grads)) of model compiled with the liger backend."""
+def _saved_bytes_and_step(model, ids, labels, options, storages=False, **call_kwargs):
+    """(bytes saved for backward by one forward, (loss, grads)) of model compiled with the liger backend. With
+    `storages`, the bytes of the storages the saved tensors hold alive (a saved view keeps all of its base), not of
+    the tensors themselves."""
     torch._dynamo.reset()
     fn = torch.compile(model, backend="liger", options=options)
     seen: dict[tuple, int] = {}
 
     def pack(t):
-        seen[(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))] = t.nbytes
+        if storages:
+            seen[(t.untyped_storage().data_ptr(),)] = t.untyped_storage().nbytes()
+        else:
+            seen[(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))] = t.nbytes
         return t
 
     with mock.patch.object(backend, "compile_fx", _partition_only):
-        fn(input_ids=ids, labels=labels).loss.backward()  # compile outside the hooks (they would see fake tensors)
+        # compile outside the hooks (they would see fake tensors)
+        fn(input_ids=ids, labels=labels, **call_kwargs).loss.backward()
         model.zero_grad(set_to_none=True)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = fn(input_ids=ids, labels=labels)
+            out = fn(input_ids=ids, labels=labels, **call_kwargs)
         out.loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
