@@ -29,7 +29,7 @@ from bench.common import GiB
 # Priority order: run.py runs them in this order, so a short time budget still yields the headline ratios
 # (liger_fx against hf_liger_kernel and inductor); the expected crash goes last.
 VARIANTS = ("hf_eager", "hf_liger_kernel", "liger_fx", "inductor", "hf_hook", "inductor_on_liger_kernel",
-            "hf_hook_save", "inductor_ro", "liger_fx_ro", "hf_hook_ro", "hf_hook_unfused")
+            "hf_hook_save", "inductor_ro", "liger_fx_ro", "hf_hook_ro", "hf_hook_unfused", "hf_hook_sep")
 VARIANT_HELP = {
     "hf_eager": "HF model as is (SDPA attention)",
     "hf_liger_kernel": "liger-kernel's monkeypatch on the instance (liger_kernel.transformers.monkey_patch)",
@@ -42,6 +42,7 @@ VARIANT_HELP = {
     "liger_fx_ro": 'torch.compile(model, backend="liger", options={"mode": "reduce-overhead"})',
     "hf_hook_ro": 'liger_fx.apply(model, mode="reduce-overhead")',
     "hf_hook_unfused": "liger_fx.apply(model, fuse_projections=False): q/k/v as three matmuls (issue 17's A/B)",
+    "hf_hook_sep": "liger_fx.apply(model, fuse_swiglu_linear=False): the SwiGLU recomputed in a launch of its own",
 }
 LR = 1e-4
 
@@ -190,6 +191,9 @@ def make_variant(variant: str, model, device):
     if variant == "hf_hook_unfused":
         _ensure_liger_backend()
         return _hf_hook(model, fuse_projections=False)
+    if variant == "hf_hook_sep":
+        _ensure_liger_backend()
+        return _hf_hook(model, fuse_swiglu_linear=False)
     if variant == "inductor_ro":
         return torch.compile(model, mode="reduce-overhead")
     if variant == "liger_fx_ro":

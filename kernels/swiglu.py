@@ -1,7 +1,10 @@
-"""Gated MLP activations: `liger_fx::swiglu(gate, up, act)` and `liger_fx::swiglu_packed(gate_up, act)`.
+"""Gated MLP activations: `liger_fx::swiglu(gate, up, act)` and `liger_fx::swiglu_packed(gate_up, act)`, and the
+same followed by the down projection, `liger_fx::swiglu_linear(gate, up, weight, act)` and
+`liger_fx::swiglu_packed_linear(gate_up, weight, act)`.
 
     swiglu(gate, up, act)        = act(gate) * up
     swiglu_packed(gate_up, act)  = act(gate_up[..., :I]) * gate_up[..., I:]        (gate_up.shape[-1] == 2 * I)
+    swiglu_linear(gate, up, w, act) = swiglu(gate, up, act) @ w.T                   (w: (H, I); section below)
     act in ACTS: silu (SwiGLU), gelu_tanh (GeGLU, Gemma's gelu_pytorch_tanh), gelu (exact, erf)
 
 The activation and the product are computed in fp32 and rounded once. Only the inputs are saved: the backward
@@ -83,11 +86,13 @@ def _swiglu_fwd_kernel(
 
 @triton.jit
 def _swiglu_bwd_kernel(
-    DY, G, U, DG, DU, stride_dy, stride_g, stride_u, stride_dg, stride_du, N, du_offset,
-    ACT: tl.constexpr, PACKED: tl.constexpr, BLOCK_N: tl.constexpr,
+    DY, G, U, DG, DU, Y, stride_dy, stride_g, stride_u, stride_dg, stride_du, stride_y, N, du_offset,
+    ACT: tl.constexpr, PACKED: tl.constexpr, WRITE_Y: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """PACKED: d(up) goes into DG's own buffer at `du_offset` (the packed gradient is one tensor, written whole so the
-    compiler sees a write into the buffer it allocated, not through two views of it); DU is unused."""
+    compiler sees a write into the buffer it allocated, not through two views of it); DU is unused. WRITE_Y: also
+    store the forward's act(gate) * up into Y, which may be DY itself (each element is read before it is written, by
+    the same program)."""
     if PACKED:
         DU = DG + du_offset
     row = tl.program_id(0).to(tl.int64)
@@ -99,6 +104,8 @@ def _swiglu_bwd_kernel(
     b_a, b_da = _act_and_grad(b_g, ACT)
     tl.store(DG + row * stride_dg + cols, (b_dy * b_u * b_da).to(DG.dtype.element_ty), mask=mask)
     tl.store(DU + row * stride_du + cols, (b_dy * b_a).to(DU.dtype.element_ty), mask=mask)
+    if WRITE_Y:
+        tl.store(Y + row * stride_y + cols, (b_a * b_u).to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -123,10 +130,12 @@ def _swiglu_fwd_flat_kernel(G, U, Y, n, ACT: tl.constexpr, BLOCK: tl.constexpr, 
 
 
 @triton.jit
-def _swiglu_bwd_flat_kernel(DY, G, U, DG, DU, n, ACT: tl.constexpr, BLOCK: tl.constexpr, EVEN: tl.constexpr):
+def _swiglu_bwd_flat_kernel(
+    DY, G, U, DG, DU, Y, n, ACT: tl.constexpr, WRITE_Y: tl.constexpr, BLOCK: tl.constexpr, EVEN: tl.constexpr,
+):
     base = tl.program_id(0).to(tl.int64) * BLOCK
     offs = tl.arange(0, BLOCK)
-    DY, G, U, DG, DU = DY + base, G + base, U + base, DG + base, DU + base
+    DY, G, U, DG, DU, Y = DY + base, G + base, U + base, DG + base, DU + base, Y + base
     if EVEN:
         b_dy = tl.load(DY + offs).to(tl.float32)
         b_g = tl.load(G + offs).to(tl.float32)
@@ -140,9 +149,13 @@ def _swiglu_bwd_flat_kernel(DY, G, U, DG, DU, n, ACT: tl.constexpr, BLOCK: tl.co
     if EVEN:
         tl.store(DG + offs, (b_dy * b_u * b_da).to(DG.dtype.element_ty))
         tl.store(DU + offs, (b_dy * b_a).to(DU.dtype.element_ty))
+        if WRITE_Y:
+            tl.store(Y + offs, (b_a * b_u).to(Y.dtype.element_ty))
     else:
         tl.store(DG + offs, (b_dy * b_u * b_da).to(DG.dtype.element_ty), mask=mask)
         tl.store(DU + offs, (b_dy * b_a).to(DU.dtype.element_ty), mask=mask)
+        if WRITE_Y:
+            tl.store(Y + offs, (b_a * b_u).to(Y.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -199,23 +212,26 @@ def _fwd_into(g2, u2, y2, act: str) -> None:
     )
 
 
-def _bwd_into(dy2, g2, u2, dg2, du2, act: str, du_offset: int | None = None) -> None:
-    """du_offset given: packed, d(up) written into dg2's buffer that many elements on (du2 is ignored)."""
+def _bwd_into(dy2, g2, u2, dg2, du2, act: str, du_offset: int | None = None, y2=None) -> None:
+    """du_offset given: packed, d(up) written into dg2's buffer that many elements on (du2 is ignored). y2 given: the
+    forward's output is written there too (it may be dy2 itself)."""
     M, N = g2.shape
     if M == 0 or N == 0:
         return
-    packed = du_offset is not None
-    if not packed and _flat(dy2, g2, u2, dg2, du2):
+    packed, write_y = du_offset is not None, y2 is not None
+    y2 = y2 if write_y else dg2  # an unused pointer when not written
+    if not packed and _flat(dy2, g2, u2, dg2, du2, y2):
         block, warps = FLAT_CONFIG
         wrap_triton(_swiglu_bwd_flat_kernel)[(triton.cdiv(M * N, block),)](
-            dy2, g2, u2, dg2, du2, M * N, ACT=_ACT_ID[act], BLOCK=block, EVEN=int(N) % block == 0, num_warps=warps,
+            dy2, g2, u2, dg2, du2, y2, M * N, ACT=_ACT_ID[act], WRITE_Y=write_y, BLOCK=block,
+            EVEN=int(N) % block == 0, num_warps=warps,
         )
         return
     block_n, num_warps = _launch_config(N)
     wrap_triton(_swiglu_bwd_kernel)[(M, triton.cdiv(N, block_n))](
-        dy2, g2, u2, dg2, dy2 if packed else du2, dy2.stride(0), g2.stride(0), u2.stride(0), dg2.stride(0),
-        dg2.stride(0) if packed else du2.stride(0), N, du_offset or 0,
-        ACT=_ACT_ID[act], PACKED=packed, BLOCK_N=block_n, num_warps=num_warps,
+        dy2, g2, u2, dg2, dy2 if packed else du2, y2, dy2.stride(0), g2.stride(0), u2.stride(0), dg2.stride(0),
+        dg2.stride(0) if packed else du2.stride(0), y2.stride(0), N, du_offset or 0,
+        ACT=_ACT_ID[act], PACKED=packed, WRITE_Y=write_y, BLOCK_N=block_n, num_warps=num_warps,
     )
 
 
@@ -378,6 +394,131 @@ _swiglu_packed.register_autograd(_backward_packed, setup_context=_setup_context_
 
 
 # --------------------------------------------------------------------------------------------------------------
+# The gated product with the down projection that consumes it: out = (act(gate) * up) @ weight.T
+#
+# Why: the down projection's weight gradient needs h = act(gate) * up. Saved, h costs B*T*I*2 bytes a layer (256 MiB
+# at Llama-3.2-1B B8 T2048); recomputed by the partitioner (option `recompute`) it costs one more forward launch in
+# the backward, which reads gate and up a second time (2 x 256 MiB there). Here the backward computes
+# dh = d(out) @ weight first (it needs no h), then ONE kernel reads dh, gate and up and writes d(gate), d(up) and h,
+# h into dh's own buffer (each element is read before the same program overwrites it; the buffer is the op's own, so
+# Inductor runs the kernel in place, no copy), and d(weight) = d(out).T @ h last. Per layer that is 2 x B*T*I
+# elements less traffic and one launch less than the recompute, at the same saved tensors (gate, up, weight) and the
+# same backward peak (dh, dgate, dup). The matmuls are torch's (cuBLAS under Inductor), as in an nn.Linear.
+
+
+def _linear_out(h2: torch.Tensor, weight: torch.Tensor, lead) -> torch.Tensor:
+    return torch.mm(h2, weight.t()).view(*lead, weight.shape[0])
+
+
+def swiglu_linear_fwd(gate, up, weight, act: str) -> torch.Tensor:
+    g2, u2 = _rows(gate), _rows(up)
+    h2 = torch.empty(g2.shape, dtype=gate.dtype, device=gate.device)
+    _fwd_into(g2, u2, h2, act)
+    return _linear_out(h2, weight, gate.shape[:-1])
+
+
+def swiglu_linear_bwd(dout, gate, up, weight, act: str, out=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d gate, d up, h): h is what d(weight) needs, returned in the buffer that held dh."""
+    g2, u2 = _rows(gate), _rows(up)
+    dh2 = torch.mm(_rows(dout), weight)
+    dg2 = _out2(out[0] if out is not None else None, g2.shape, gate)
+    du2 = _out2(out[1] if out is not None else None, u2.shape, up)
+    _bwd_into(dh2, g2, u2, dg2, du2, act, y2=dh2)
+    return dg2.view(gate.shape), du2.view(up.shape), dh2.view(gate.shape)
+
+
+def swiglu_packed_linear_fwd(gate_up, weight, act: str) -> torch.Tensor:
+    gu2 = _rows(gate_up)
+    half = gu2.shape[1] // 2
+    h2 = torch.empty((gu2.shape[0], half), dtype=gate_up.dtype, device=gate_up.device)
+    _fwd_into(gu2[:, :half], gu2[:, half:], h2, act)
+    return _linear_out(h2, weight, gate_up.shape[:-1])
+
+
+def swiglu_packed_linear_bwd(dout, gate_up, weight, act: str, out=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d gate_up, h)."""
+    gu2 = _rows(gate_up)
+    half = gu2.shape[1] // 2
+    dh2 = torch.mm(_rows(dout), weight)
+    dgu2 = _out2(out, gu2.shape, gate_up)
+    _bwd_into(dh2, gu2[:, :half], gu2[:, half:], dgu2, None, act, du_offset=half, y2=dh2)
+    return dgu2.view(gate_up.shape), dh2.view(_packed_shape(gate_up))
+
+
+def _swiglu_linear_cpu(gate, up, weight, act):
+    return torch.nn.functional.linear(swiglu_ref(gate, up, act), weight).contiguous()
+
+
+@triton_library_op("liger_fx::swiglu_linear", cpu=_swiglu_linear_cpu)
+def _swiglu_linear(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, act: str) -> torch.Tensor:
+    return swiglu_linear_fwd(gate, up, weight, act)
+
+
+def _swiglu_linear_backward_cpu(dout, gate, up, weight, act):
+    dg, du = swiglu_ref_backward(dout @ weight, gate, up, act)
+    return dg.contiguous(), du.contiguous(), swiglu_ref(gate, up, act).contiguous()
+
+
+@triton_library_op("liger_fx::swiglu_linear_backward", cpu=_swiglu_linear_backward_cpu)
+def _swiglu_linear_backward(
+    dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, act: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return swiglu_linear_bwd(dout, gate, up, weight, act)
+
+
+def _weight_grad(ctx, dout, h):
+    """d(weight) = d(out).T @ h over all rows, when the weight wants one (a frozen down projection does not)."""
+    if not ctx.needs_input_grad[-2]:
+        return None
+    return torch.mm(dout.reshape(-1, dout.shape[-1]).t(), h.reshape(-1, h.shape[-1]))
+
+
+def _setup_context_linear(ctx, inputs, output):
+    *tensors, act = inputs
+    ctx.save_for_backward(*tensors)
+    ctx.act = act
+
+
+def _backward_linear(ctx, dout):
+    gate, up, weight = ctx.saved_tensors
+    dgate, dup, h = torch.ops.liger_fx.swiglu_linear_backward(dout, gate, up, weight, ctx.act)
+    return dgate, dup, _weight_grad(ctx, dout, h), None
+
+
+_swiglu_linear.register_autograd(_backward_linear, setup_context=_setup_context_linear)
+
+
+def _swiglu_packed_linear_cpu(gate_up, weight, act):
+    return torch.nn.functional.linear(swiglu_packed_ref(gate_up, act), weight).contiguous()
+
+
+@triton_library_op("liger_fx::swiglu_packed_linear", cpu=_swiglu_packed_linear_cpu)
+def _swiglu_packed_linear(gate_up: torch.Tensor, weight: torch.Tensor, act: str) -> torch.Tensor:
+    return swiglu_packed_linear_fwd(gate_up, weight, act)
+
+
+def _swiglu_packed_linear_backward_cpu(dout, gate_up, weight, act):
+    dgu = swiglu_packed_ref_backward(dout @ weight, gate_up, act)
+    return dgu.contiguous(), swiglu_packed_ref(gate_up, act).contiguous()
+
+
+@triton_library_op("liger_fx::swiglu_packed_linear_backward", cpu=_swiglu_packed_linear_backward_cpu)
+def _swiglu_packed_linear_backward(
+    dout: torch.Tensor, gate_up: torch.Tensor, weight: torch.Tensor, act: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return swiglu_packed_linear_bwd(dout, gate_up, weight, act)
+
+
+def _backward_packed_linear(ctx, dout):
+    gate_up, weight = ctx.saved_tensors
+    dgate_up, h = torch.ops.liger_fx.swiglu_packed_linear_backward(dout, gate_up, weight, ctx.act)
+    return dgate_up, _weight_grad(ctx, dout, h), None
+
+
+_swiglu_packed_linear.register_autograd(_backward_packed_linear, setup_context=_setup_context_linear)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Public functionals
 
 
@@ -403,3 +544,32 @@ def swiglu_packed(gate_up: torch.Tensor, act: str = "silu") -> torch.Tensor:
     if gate_up.dim() == 0 or gate_up.shape[-1] % 2:
         raise ValueError(f"liger_fx.swiglu_packed: last dim must be even, got shape {tuple(gate_up.shape)}")
     return torch.ops.liger_fx.swiglu_packed(gate_up, act)
+
+
+def swiglu_linear(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, act: str = "silu") -> torch.Tensor:
+    """`F.linear(act(gate) * up, weight)` whose backward recomputes act(gate) * up in its gradient kernel."""
+    _check_act(act)
+    _check_weight("swiglu_linear", gate, weight)
+    if gate.shape != up.shape or gate.dtype != up.dtype:
+        raise ValueError(
+            f"liger_fx.swiglu_linear: gate and up must match in shape and dtype, got {tuple(gate.shape)} "
+            f"{gate.dtype} and {tuple(up.shape)} {up.dtype}"
+        )
+    return torch.ops.liger_fx.swiglu_linear(gate, up, weight, act)
+
+
+def swiglu_packed_linear(gate_up: torch.Tensor, weight: torch.Tensor, act: str = "silu") -> torch.Tensor:
+    """`F.linear(swiglu_packed(gate_up), weight)`, as swiglu_linear."""
+    _check_act(act)
+    if gate_up.dim() == 0 or gate_up.shape[-1] % 2:
+        raise ValueError(f"liger_fx.swiglu_packed_linear: last dim must be even, got shape {tuple(gate_up.shape)}")
+    _check_weight("swiglu_packed_linear", gate_up[..., : gate_up.shape[-1] // 2], weight)
+    return torch.ops.liger_fx.swiglu_packed_linear(gate_up, weight, act)
+
+
+def _check_weight(name: str, gate: torch.Tensor, weight: torch.Tensor) -> None:
+    if weight.dim() != 2 or weight.shape[1] != gate.shape[-1] or weight.dtype != gate.dtype:
+        raise ValueError(
+            f"liger_fx.{name}: weight must be (out, {gate.shape[-1]}) of dtype {gate.dtype}, got "
+            f"{tuple(weight.shape)} {weight.dtype}"
+        )

@@ -9,7 +9,8 @@ Dynamo hands us its FX graph and example inputs. We
   2. run the enabled pattern families in order (rewrite.apply_family), each replacing subgraphs with one fused op
      that carries its own backward; run sibling linears on one input as one matmul where one is narrow (GQA's k/v:
      projections.fuse_sibling_linears; option `fuse_projections`); and mark the cheap ones' outputs for
-     recomputation in the backward (rewrite.tag_recompute; option `recompute`),
+     recomputation in the backward (rewrite.tag_recompute; option `recompute`), a SwiGLU's inside the down
+     projection's backward kernel (swiglu.recompute_in_linear; option `fuse_swiglu_linear`),
   3. take logits that are returned beside a fused loss out of the graph's autograd, with the lm_head's inputs as
      extra outputs (linear_cross_entropy.detach_returned_logits): autograd would otherwise make them a zeros
      gradient of N x V at the step's peak,
@@ -38,7 +39,7 @@ from torch._inductor.compile_fx import compile_fx
 
 from . import causal_mask, distributed, grouped_sdpa, projections, rewrite
 from .kernels.fused_linear_cross_entropy import reattach_logits_grad
-from .patterns import linear_cross_entropy
+from .patterns import linear_cross_entropy, swiglu
 from .canonicalize import to_aten, where
 from .config import LigerConfig, split_options
 
@@ -78,8 +79,10 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, config: LigerConfig, recor
     if config.fuse_projections:
         record.fused_projections = projections.fuse_sibling_linears(traced.graph)
     if config.recompute:
-        n = rewrite.tag_recompute(traced.graph)
-        log.debug("liger_fx: graph %d: %d fused outputs recomputed in the backward", record.index, n)
+        tagged = rewrite.tag_recompute(traced.graph)
+        log.debug("liger_fx: graph %d: %d fused outputs recomputed in the backward", record.index, len(tagged))
+        if config.fuse_swiglu_linear:
+            record.swiglu_linear = swiglu.recompute_in_linear(traced.graph, tagged)
     traced.graph.lint()
     traced.recompile()
     if before is not None:
@@ -189,6 +192,7 @@ def _fall_back(record: rewrite.GraphRecord, step: str, e: Exception) -> None:
     record.causal_sdpa = []
     record.fused_projections = []
     record.grouped_sdpa = []
+    record.swiglu_linear = []
     record.logits_grad_outside = 0
     log.warning("liger_fx: %s of graph %d failed (%s); compiling it with plain Inductor",
                 step, record.index, record.fallback)
@@ -216,4 +220,6 @@ def _commit(record: rewrite.GraphRecord) -> None:
         counters["liger_fx"]["grouped_sdpa"] += len(record.grouped_sdpa)
     if record.fused_projections:
         counters["liger_fx"]["fused_projections"] += len(record.fused_projections)
+    if record.swiglu_linear:
+        counters["liger_fx"]["swiglu_linear"] += len(record.swiglu_linear)
     log.info(record.summary())

@@ -68,7 +68,8 @@ class ModelReport:
         return {"model": self.model, "model_type": self.model_type, "graph_breaks": self.graph_breaks,
                 "patterns": self.patterns(), "causal_sdpa": sum(len(r.causal_sdpa) for r in self.records),
                 "grouped_sdpa": sum(len(r.grouped_sdpa) for r in self.records),
-                "fused_projections": sum(len(r.fused_projections) for r in self.records)}
+                "fused_projections": sum(len(r.fused_projections) for r in self.records),
+                "swiglu_linear": sum(len(r.swiglu_linear) for r in self.records)}
 
 
 # --------------------------------------------------------------------------------------------------------------

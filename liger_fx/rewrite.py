@@ -102,6 +102,9 @@ class GraphRecord:
     """Where SDPA runs on unrepeated grouped k/v with enable_gqa (option `grouped_sdpa`; liger_fx/grouped_sdpa.py)."""
     fused_projections: list[str] = dataclasses.field(default_factory=list)
     """Where sibling linears on one input became one matmul (option `fuse_projections`; liger_fx/projections.py)."""
+    swiglu_linear: list[str] = dataclasses.field(default_factory=list)
+    """Where a SwiGLU and the down projection after it became one op that recomputes the SwiGLU inside its backward
+    (option `fuse_swiglu_linear`; patterns/swiglu.recompute_in_linear)."""
     logits_grad_outside: int = 0
     """How many returned logits leave the graph without a gradient path, theirs attached by the caller
     (patterns/linear_cross_entropy.detach_returned_logits): no zeros gradient of N x V in the backward."""
@@ -125,6 +128,8 @@ class GraphRecord:
             causal += f"; {len(self.grouped_sdpa)} SDPA on grouped k/v (no repeat)"
         if self.fused_projections:
             causal += f"; {len(self.fused_projections)} sibling projection group(s) -> one matmul"
+        if self.swiglu_linear:
+            causal += f"; {len(self.swiglu_linear)} SwiGLU(s) recomputed inside the down projection's backward"
         if not counts:
             return f"liger_fx: graph {self.index}: no applicable patterns{causal}"
         parts = [f"{flag} {r}/{c}" for flag, (r, c) in counts.items()]
@@ -323,7 +328,7 @@ def _recomputable_bytes(nodes) -> int | None:
     return total
 
 
-def tag_recompute(graph: fx.Graph) -> int:
+def tag_recompute(graph: fx.Graph) -> list[fx.Node]:
     """Mark the families' `recomputable()` ops for recomputation in the backward (LigerConfig.recompute). The
     min-cut partitioner honours `recompute=MUST_RECOMPUTE` as it does for selective activation checkpointing (an
     infinite edge to the backward side), so it saves the op's inputs, which the op's own backward saves anyway,
@@ -341,11 +346,11 @@ def tag_recompute(graph: fx.Graph) -> int:
     if size is not None and size < RECOMPUTE_MIN_BYTES and _whole_step(graph):
         log.debug("liger_fx: nothing recomputed: the fused outputs hold %.2f GiB, under %.2f GiB",
                   size / 2**30, RECOMPUTE_MIN_BYTES / 2**30)
-        return 0
+        return []
     for node in nodes:
         node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
         mark_in_code(node, "recompute")
-    return len(nodes)
+    return nodes
 
 
 def apply_family(family, gm: fx.GraphModule, config: LigerConfig, record: GraphRecord) -> None:

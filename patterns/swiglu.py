@@ -176,6 +176,61 @@ def post_pass(graph: fx.Graph) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Recomputed inside the down projection (option `fuse_swiglu_linear`, under `recompute`).
+
+def _linear_ops() -> dict:
+    return {
+        torch.ops.liger_fx.swiglu.default: torch.ops.liger_fx.swiglu_linear.default,
+        torch.ops.liger_fx.swiglu_packed.default: torch.ops.liger_fx.swiglu_packed_linear.default,
+    }
+
+
+def _down_weight(node: fx.Node):
+    """The weight W when the gated product's one user is `linear(node, W)` without bias, W (H, I) of its dtype and
+    device; else None. A bias, a second user (LoRA's adapter reads the same input) or a cast keep the two apart."""
+    if len(node.users) != 1:
+        return None
+    (lin,) = node.users
+    if not _is(lin, aten.linear.default) or lin.args[0] is not node or len(lin.args) < 2 or lin.kwargs:
+        return None
+    if len(lin.args) > 2 and lin.args[2] is not None:
+        return None
+    w, hv = lin.args[1], _val(node)
+    wv = _val(w)
+    if not isinstance(wv, torch.Tensor) or not isinstance(hv, torch.Tensor) or wv.dim() != 2:
+        return None
+    if wv.dtype != hv.dtype or wv.device != hv.device or not _known(wv.shape[1] == hv.shape[-1]):
+        return None
+    return w
+
+
+def recompute_in_linear(graph: fx.Graph, nodes) -> list[str]:
+    """Of `nodes` (gated products tagged for recomputation), each whose one user is a bias-free linear becomes one
+    `swiglu_linear` op with that linear, whose backward recomputes act(gate) * up inside its own gradient kernel
+    instead of in a launch of its own (kernels/swiglu.py, "The gated product with the down projection"). Returns
+    where each one was made."""
+    from liger_fx.canonicalize import where
+
+    made, ops = [], _linear_ops()
+    for node in nodes:
+        op = ops.get(node.target) if isinstance(node, fx.Node) and node.op == "call_function" else None
+        w = _down_weight(node) if op is not None else None
+        if w is None:
+            continue
+        (lin,) = node.users
+        *inputs, act = node.args
+        with graph.inserting_before(lin):
+            fused = graph.call_function(op, (*inputs, w, act))
+        fused.meta = {k: v for k, v in lin.meta.items() if k != "recompute"}  # the linear's output, not recomputed
+        lin.replace_all_uses_with(fused)
+        made.append(where(lin))
+        graph.erase_node(lin)
+        graph.erase_node(node)
+        log.debug("liger_fx: %s recomputed inside %s's backward", node.name, made[-1])
+    return made
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Candidates and near-miss reasons, independent of the matcher: an activation whose output is multiplied by a
 # tensor, where the activation's input comes from a projection (linear, matmul, grouped matmul); or such an
 # activation that leaves the graph as an output before any multiply (a graph cut inside the gated MLP).

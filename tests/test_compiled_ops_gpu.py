@@ -156,3 +156,59 @@ def test_dynamic_true_fuses_every_site_with_inductor_launching_the_kernels(model
     loss2 = fn(input_ids=ids2.cuda(), labels=labels2.cuda()).loss.detach()
     assert len(liger_fx.get_records()) == 1, [r.summary() for r in liger_fx.get_records()]
     assert_close_rule(loss2, ref2, same2, atol=torch.finfo(torch.bfloat16).eps * ref2.abs().item(), name="loss t=48")
+
+
+@pytest.mark.skipif(OPAQUE, reason="LIGER_FX_OPAQUE_OPS=1 registers opaque ops on purpose")
+def test_swiglu_linear_writes_h_into_the_gradient_buffer():
+    """The down projection fused with its SwiGLU (option fuse_swiglu_linear): the backward launches the gradient
+    kernel with d(h)'s buffer as both its input and its h output (Inductor re-inplaced the op body's write; a clone
+    would cost one more B*T*I copy), never the forward kernel again, and the loss and every gradient are within the
+    tolerance rule of the fp32 module's (by norm, as above)."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(0)
+
+    class MLP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate, self.up = torch.nn.Linear(256, 1024, bias=False), torch.nn.Linear(256, 1024, bias=False)
+            self.down = torch.nn.Linear(1024, 256, bias=False)
+
+        def forward(self, x):
+            return self.down(F.silu(self.gate(x)) * self.up(x))
+
+    ref32 = MLP().cuda()
+    model, eager = MLP().cuda().bfloat16(), MLP().cuda().bfloat16()
+    model.load_state_dict(ref32.state_dict())
+    eager.load_state_dict(ref32.state_dict())
+    x = torch.randn(4, 512, 256, device="cuda")
+    dy = torch.randn(4, 512, 256, device="cuda")
+    fn = torch.compile(model, backend="liger")
+
+    def step():
+        out = fn(x.bfloat16())
+        out.backward(dy.bfloat16())
+        return out
+
+    out, codes = run_and_get_code(step)
+    assert counters["liger_fx"]["swiglu_linear"] == 1, dict(counters["liger_fx"])
+    bwd = [c for c in codes if "_swiglu_bwd_flat_kernel" in c]
+    assert len(bwd) == 1, "no backward code launching the gradient kernel"
+    assert "_swiglu_fwd_flat_kernel" not in bwd[0].split("def call(")[-1], "the backward recomputes h in its own launch"
+    calls = re.findall(r"_swiglu_bwd_flat_kernel\w*\.run\(([^)]*)\)", bwd[0])
+    assert len(calls) == 1, bwd[0].split("def call(")[-1][:3000]
+    args = [a.strip() for a in calls[0].split(",")]
+    assert args[0] == args[5], f"d(h) and h are different buffers (a copy): {calls[0]}"
+
+    ref = ref32(x)
+    ref.backward(dy)
+    same = eager(x.bfloat16())
+    same.backward(dy.bfloat16())
+    eps = torch.finfo(torch.bfloat16).eps
+    err, torch_err = (out.float() - ref).norm(), (same.float() - ref).norm()
+    assert err <= 2 * torch_err + eps * ref.norm(), (err, torch_err)
+    for (name, p), p32, pe in zip(model.named_parameters(), ref32.parameters(), eager.parameters()):
+        err, torch_err = (p.grad.float() - p32.grad).norm(), (pe.grad.float() - p32.grad).norm()
+        assert err <= 2 * torch_err + eps * p32.grad.norm(), f"{name}: {err:.3g} vs torch {torch_err:.3g}"

@@ -105,7 +105,7 @@ def assert_every_family_replaced():
             totals[flag] = totals.get(flag, 0) + n
         # the option passes: a materialized causal mask (transformers 5.17 builds one under compile; newer skip it),
         # SDPA on repeated k/v, GQA's q/k/v as one matmul
-        for option in ("causal_sdpa", "grouped_sdpa", "fused_projections"):
+        for option in ("causal_sdpa", "grouped_sdpa", "fused_projections", "swiglu_linear"):
             if getattr(rec, option):
                 totals[option] = totals.get(option, 0) + len(getattr(rec, option))
     present = [f.__name__.rsplit(".", 1)[-1] for f in rewrite.families()]

@@ -51,12 +51,13 @@ def all_run(tmp_path_factory):
 
 def _check_schema(entry: dict) -> None:
     assert set(entry) == {"model", "model_type", "graph_breaks", "patterns", "causal_sdpa", "grouped_sdpa",
-                          "fused_projections"}
+                          "fused_projections", "swiglu_linear"}
     assert isinstance(entry["model"], str) and isinstance(entry["model_type"], str)
     # masks SDPA was told are causal (option causal_sdpa): transformers 5.17 builds them, 5.24 already skips them
     assert isinstance(entry["causal_sdpa"], int) and entry["causal_sdpa"] >= 0
     assert isinstance(entry["grouped_sdpa"], int) and entry["grouped_sdpa"] >= 0
     assert isinstance(entry["fused_projections"], int) and entry["fused_projections"] >= 0
+    assert isinstance(entry["swiglu_linear"], int) and entry["swiglu_linear"] >= 0
     assert isinstance(entry["graph_breaks"], int) and entry["graph_breaks"] >= 0
     assert list(entry["patterns"]) == list(FLAGS)  # every flag, in the config's order, even at 0/0
     for flag, p in entry["patterns"].items():

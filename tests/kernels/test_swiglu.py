@@ -155,3 +155,119 @@ def test_bad_arguments_name_the_problem():
         k.swiglu(x, x[:, :4], "silu")
     with pytest.raises(ValueError, match="even"):
         k.swiglu_packed(torch.randn(2, 7))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# swiglu_linear / swiglu_packed_linear: the gated product and the down projection after it, whose backward writes
+# act(gate) * up (for the weight gradient) from the SwiGLU gradient kernel, into the buffer that held d(h).
+
+
+def _linear_inputs(device, dtype, width, hidden=48, seed=5):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    rows = _rows(device)
+    gate = (3 * torch.randn(*rows, width, generator=gen)).to(dtype).to(device)
+    up = torch.randn(*rows, width, generator=gen).to(dtype).to(device)
+    w = (torch.randn(hidden, width, generator=gen) / width**0.5).to(dtype).to(device)
+    dout = torch.randn(*rows, hidden, generator=gen).to(dtype).to(device)
+    return gate, up, w, dout
+
+
+def _linear_eager(gate, up, w, dout, act, dtype):
+    """out, d gate, d up of eager torch in `dtype`."""
+    g, u = gate.detach().to(dtype).requires_grad_(), up.detach().to(dtype).requires_grad_()
+    out = F.linear(_eager(g, u, act), w.to(dtype))
+    dg, du = torch.autograd.grad(out, (g, u), dout.to(dtype))
+    return out, dg, du
+
+
+def _check_linear(ours, gate, up, w, dout, act, dtype):
+    """Bounds beyond the rule's torch term, each with its cause (fp64 from the data; `terms` = sum of |products|):
+    - h: ours rounds act(gate) * up to `dtype` once, eager twice; where eager's roundings cancel, ours need not:
+      half an ulp of each h, carried through the matmul (eps/2 * terms);
+    - order: the matmul's K products summed in an order the library picks: eps32 * sqrt(K) * terms, as in
+      test_fused_linear_cross_entropy; in bf16 also split-K partial sums added in bf16 (eps/2 * terms);
+    - dh: d(h) = d(out) @ W is rounded to `dtype` once on either side, then multiplied by u * act'(gate) (or act(gate))
+      in fp32 by ours and in `dtype` by eager: half an ulp of |d(out)| @ |W|, carried by that factor;
+    - own_ulp: each output rounded once by us; where eager's error cancels, ours need not (0 in fp32);
+    - interpreter: h and the gradients truncated once more (tests/tolerance.py)."""
+    ref = _linear_eager(gate, up, w, dout, act, torch.float64)
+    same = _linear_eager(gate, up, w, dout, act, dtype)
+    eps, eps32 = torch.finfo(dtype).eps, torch.finfo(torch.float32).eps
+    low = dtype != torch.float32
+    g64, u64, w64, dout64 = gate.double(), up.double(), w.double(), dout.double()
+    a64 = k._act_ref(g64, act)
+    terms_out = (a64 * u64).abs() @ w64.abs().t()
+    terms_dh = dout64.abs() @ w64.abs()
+    factors = ((u64 * k._act_grad_ref(g64, act)).abs(), a64.abs())
+    slack_out = (eps / 2 + eps32 * w.shape[1] ** 0.5 + (eps / 2 if low else 0)) * terms_out
+    slack_out = slack_out + (eps * ref[0].abs() if low else 0) + interpreter_slack(terms_out, dtype, 1)
+    assert_close_rule(ours[0], ref[0], same[0], 4 * eps32 * ref[0].abs().max().item(), "out", slack=slack_out)
+    dh_err = (eps / 2 + eps32 * w.shape[0] ** 0.5 + (eps / 2 if low else 0)) * terms_dh
+    dh_err = dh_err + interpreter_slack(terms_dh, dtype, 1)
+    for name, o, r, s, f in zip(("dgate", "dup"), ours[1:], ref[1:], same[1:], factors):
+        slack = f * dh_err + (eps * r.abs() if low else 0) + interpreter_slack(r, dtype, 1)
+        assert_close_rule(o, r, s, _atol(r, dtype), f"{name} ({act}, {dtype})", slack=slack)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("width", [123, 2048])
+@pytest.mark.parametrize("act", k.ACTS)
+def test_linear_forward_and_grads_with_h_from_the_gradient_kernel(device, dtype, width, act):
+    gate, up, w, dout = _linear_inputs(device, dtype, width)
+    out = k.swiglu_linear_fwd(gate, up, w, act)
+    dg, du, h = k.swiglu_linear_bwd(dout, gate, up, w, act,
+                                    out=(poison_(torch.empty_like(gate)), poison_(torch.empty_like(up))))
+    _check_linear((out, dg, du), gate, up, w, dout, act, dtype)
+    # h is the forward's own value, bit for bit: the weight gradient sees what the forward multiplied by W
+    assert torch.equal(h, k.swiglu_fwd(gate, up, act)), "h from the backward differs from the forward's"
+    assert torch.equal(out, F.linear(h, w)) or device == "cuda"  # CPU: the same torch matmul of the same h
+
+    gate_up = torch.cat([gate, up], dim=-1)
+    outp = k.swiglu_packed_linear_fwd(gate_up, w, act)
+    dgu, hp = k.swiglu_packed_linear_bwd(dout, gate_up, w, act, out=poison_(torch.empty_like(gate_up)))
+    assert torch.equal(outp, out) and torch.equal(hp, h)
+    assert torch.equal(dgu, torch.cat([dg, du], dim=-1))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+def test_linear_ops_autograd_matches_eager(device, act):
+    """The library ops: forward, d gate, d up and d weight against eager fp32 autograd; a frozen weight gets no
+    gradient; the saved inputs are not written."""
+    gate, up, w, dout = _linear_inputs(device, torch.float32, 96, hidden=40, seed=6)
+    gate_up = torch.cat([gate, up], dim=-1)
+    saved = [t.clone() for t in (gate, up, gate_up, w)]
+    g, u, gu = gate.clone().requires_grad_(), up.clone().requires_grad_(), gate_up.clone().requires_grad_()
+    w1, w2 = w.clone().requires_grad_(), w.clone().requires_grad_()
+    out = k.swiglu_linear(g, u, w1, act)
+    out.backward(dout)
+    outp = k.swiglu_packed_linear(gu, w2, act)
+    outp.backward(dout)
+    for a, b in zip((g, u, gu, w1), saved):
+        assert torch.equal(a.detach(), b), "an input was written to"
+
+    rg, ru, rw = gate.clone().requires_grad_(), up.clone().requires_grad_(), w.clone().requires_grad_()
+    ref = F.linear(_eager(rg, ru, act), rw)
+    ref.backward(dout)
+    tol = dict(atol=1e-5, rtol=1e-5)
+    for got in (out, outp):
+        torch.testing.assert_close(got, ref, **tol)
+    torch.testing.assert_close(g.grad, rg.grad, **tol)
+    torch.testing.assert_close(u.grad, ru.grad, **tol)
+    torch.testing.assert_close(gu.grad, torch.cat([rg.grad, ru.grad], -1), **tol)
+    for got in (w1.grad, w2.grad):
+        torch.testing.assert_close(got, rw.grad, **tol)
+
+    g.grad = None
+    k.swiglu_linear(g, u, w, act).backward(dout)  # frozen weight
+    torch.testing.assert_close(g.grad, rg.grad, **tol)
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu"])
+def test_linear_opcheck(act):
+    gate, up, w, _ = _linear_inputs("cpu", torch.float32, 16, hidden=8, seed=7)
+    torch.library.opcheck(torch.ops.liger_fx.swiglu_linear,
+                          (gate.requires_grad_(), up.requires_grad_(), w.requires_grad_(), act))
+    torch.library.opcheck(torch.ops.liger_fx.swiglu_packed_linear,
+                          (torch.cat([gate, up], -1).detach().requires_grad_(), w, act))
