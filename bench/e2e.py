@@ -252,6 +252,9 @@ def run_one(shape_name: str, variant: str, *, smoke: bool, device, steps: int, w
         losses.append(step(ids[i]))
         sync()
     warmup_s = time.perf_counter() - t0
+    compile_s = _compile_times()
+    if compile_s:
+        phase("compile phases (s, nested): " + ", ".join(f"{k} {v}" for k, v in list(compile_s.items())[:14]))
     peak_with_warmup = torch.cuda.max_memory_allocated() / GiB if cuda else None
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -285,12 +288,32 @@ def run_one(shape_name: str, variant: str, *, smoke: bool, device, steps: int, w
         "peak_gib": torch.cuda.max_memory_allocated() / GiB if cuda else None,
         "peak_gib_with_warmup": peak_with_warmup,
         "resident_gib": torch.cuda.memory_allocated() / GiB if cuda else None,
-        "warmup_s": warmup_s, "setup_s": setup_s,
+        "warmup_s": warmup_s, "setup_s": setup_s, "compile_s": compile_s,
         "losses": losses, "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
         "replaced": dict(counters["liger_fx"]),
         "liger_fx_lines": _liger_lines(),
         "graph_breaks": sum(counters["graph_break"].values()),
     }
+
+
+def _compile_times() -> dict[str, float]:
+    """Seconds per `dynamo_timed` phase over this process's compiles so far (the warm-up), the largest first, those
+    of 0.5 s or more: where a variant's warm-up goes (Dynamo's trace, liger_fx.rewrite_graph, AOTAutograd, Inductor's
+    codegen, Triton). Phases nest, so they do not add up."""
+    try:
+        from torch._dynamo.utils import compile_times
+
+        headers, values = compile_times(repr="csv", aggregate=True)
+    except Exception:  # a torch without it, or a variant that compiled nothing
+        return {}
+    out = {}
+    for key, value in zip(headers, values):
+        try:
+            if float(value) >= 0.5:
+                out[key] = round(float(value), 1)
+        except (TypeError, ValueError):
+            continue
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
 def _liger_lines() -> list[str]:

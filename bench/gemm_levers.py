@@ -13,6 +13,10 @@ compiled graph would. The difference times the layer count is the step's saving 
 whenever it passes a mask) against `enable_gqa=True` on the unrepeated k/v, and names the kernels each ran.
 --autotune also times each distinct matmul of a Llama-1B layer (forward and both backward layouts) through
 torch.compile(mode="max-autotune-no-cudagraphs") against cuBLAS: what per-shape autotuning could win.
+--layouts times each weight's input-gradient matmul dX = dY W (W as the linear stores it, (out, in) row-major) against
+the same product with W transposed into (in, out) memory first (dY (W^T)^T: cuBLAS gets the other layout), and the
+transposition itself: the profile of the step had down_proj's dX at 666 TFLOP/s where the forward's matmul of the
+same size ran at 763.
 """
 
 from __future__ import annotations
@@ -106,6 +110,24 @@ def autotune_rows() -> list[tuple]:
     return rows
 
 
+def layout_rows(name: str) -> list[tuple]:
+    """(weight, (out, in), NN ms, pre-transposed ms, transpose ms) for each distinct weight of a layer."""
+    cfg, shape = e2e.SHAPES[name].config, e2e.SHAPES[name]
+    N, H, I = shape.batch * shape.seq, cfg["hidden_size"], cfg["intermediate_size"]
+    hd = cfg.get("head_dim") or H // cfg["num_attention_heads"]
+    nq, nkv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+    rows = []
+    for label, out_f, in_f in (("qkv (fused)", nq + 2 * nkv, H), ("o", H, nq), ("gate or up", I, H), ("down", H, I)):
+        w = torch.randn(out_f, in_f, device="cuda", dtype=torch.bfloat16)
+        dy = torch.randn(N, out_f, device="cuda", dtype=torch.bfloat16)
+        wt = w.t().contiguous()
+        nn_ms = _time(lambda: dy @ w, iters=30)
+        tn_ms = _time(lambda: dy @ wt.t(), iters=30)
+        copy_ms = _time(lambda: w.t().contiguous(), iters=30)
+        rows.append((label, (out_f, in_f), nn_ms, tn_ms, copy_ms, 2 * N * out_f * in_f))
+    return rows
+
+
 def attention_rows(name: str) -> list[tuple]:
     cfg, shape = e2e.SHAPES[name].config, e2e.SHAPES[name]
     B, T, nh, nkv = shape.batch, shape.seq, cfg["num_attention_heads"], cfg["num_key_value_heads"]
@@ -144,8 +166,17 @@ def main(argv=None) -> None:
     p.add_argument("--autotune", action="store_true")
     p.add_argument("--attention", action="store_true")
     p.add_argument("--no-layers", action="store_true", help="skip the projection rows")
+    p.add_argument("--layouts", action="store_true")
     args = p.parse_args(argv)
     print(f"== gemm_levers on {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    for name in args.shapes.split(",") if args.layouts else ():
+        layers = e2e.SHAPES[name].config["num_hidden_layers"]
+        print(f"== {name}: dX = dY W, W (out, in) as stored vs transposed to (in, out) first; ms (TFLOP/s), x {layers}")
+        for label, (o, i), nn_ms, tn_ms, copy_ms, flop in layout_rows(name):
+            n = 2 if label == "gate or up" else 1
+            gain = n * layers * (nn_ms - tn_ms - copy_ms)
+            print(f"  {label:12s} W {o:5d}x{i:5d}  as stored {nn_ms:6.3f} ({flop / nn_ms / 1e9:4.0f})  transposed "
+                  f"{tn_ms:6.3f} ({flop / tn_ms / 1e9:4.0f})  + transpose {copy_ms:5.3f}  -> {gain:+6.2f} ms a step")
     for name in args.shapes.split(",") if args.attention else ():
         for _, label, ms, names in attention_rows(name):
             print(f"== {name} causal SDPA fwd+bwd, {label:10s}: {ms:7.3f} ms  kernels: {'; '.join(names)}")

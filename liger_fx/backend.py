@@ -34,7 +34,7 @@ import torch
 import torch.fx as fx
 from torch._dynamo.exc import RestartAnalysis
 from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
-from torch._dynamo.utils import counters
+from torch._dynamo.utils import counters, dynamo_timed
 from torch._inductor.compile_fx import compile_fx
 
 from . import causal_mask, distributed, grouped_sdpa, projections, rewrite
@@ -116,7 +116,8 @@ def liger_backend(gm: fx.GraphModule, example_inputs, options: dict | None = Non
         config = distributed.ddp_config(config)
     returned: list[linear_cross_entropy.ReturnedLogits] = []
     try:
-        compiled_gm = rewrite_graph(gm, example_inputs, config, record)
+        with dynamo_timed("liger_fx.rewrite_graph"):  # in torch._dynamo.utils.compile_times(), beside Inductor's
+            compiled_gm = rewrite_graph(gm, example_inputs, config, record)
         distributed.note_bucket_cuts(gm, compiled_gm, record)  # a DDP bucket: say which misses its boundary explains
         if ddp_module is not None:
             distributed.carry_dynamo_meta(gm, compiled_gm)  # what DDPOptimizer reads from Dynamo's graph

@@ -256,8 +256,12 @@ def test_linear_ops_autograd_matches_eager(device, act):
     torch.testing.assert_close(g.grad, rg.grad, **tol)
     torch.testing.assert_close(u.grad, ru.grad, **tol)
     torch.testing.assert_close(gu.grad, torch.cat([rg.grad, ru.grad], -1), **tol)
+    # d(weight) sums dout * h over all rows (1024s on CUDA): ours reads h from our kernel, eager its own silu(g) * u,
+    # each within ~1 fp32 ulp of the other, and the two matmuls may sum in different orders: 2 eps32 * sum|terms|.
+    terms = dout.reshape(-1, dout.shape[-1]).abs().t() @ _eager(gate, up, act).reshape(-1, gate.shape[-1]).abs()
     for got in (w1.grad, w2.grad):
-        torch.testing.assert_close(got, rw.grad, **tol)
+        assert ((got - rw.grad).abs() <= 2 * torch.finfo(torch.float32).eps * terms + 1e-6).all(), \
+            (got - rw.grad).abs().max()
 
     g.grad = None
     k.swiglu_linear(g, u, w, act).backward(dout)  # frozen weight
