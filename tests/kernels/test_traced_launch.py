@@ -164,3 +164,58 @@ def test_rms_norm_kernels_compile_with_fp64_scalars(kernel, casting):
     done = subprocess.run([sys.executable, "-c", _FRONT_END, kernel, casting], env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0 and "compiled True" in done.stdout, done.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The cache of torch's store analysis for our kernels (kernels/_library.py): keyed by what the analysis depends on.
+
+
+def _jit(kernel):
+    """The JITFunction: under TRITON_INTERPRET=1 the module holds the interpreter's wrapper of it."""
+    import triton
+
+    return kernel if isinstance(kernel, triton.runtime.JITFunction) else triton.runtime.JITFunction(kernel.fn)
+
+
+def test_analysis_key_ignores_sizes_and_pointers_but_not_constants():
+    from liger_fx.kernels._library import _analysis_key
+
+    kernel = _jit(swiglu_kernels._swiglu_bwd_flat_kernel)
+    with FakeTensorMode():
+        a, b = torch.empty(4096, device="cuda", dtype=BF16), torch.empty(8192, device="cuda", dtype=BF16)
+
+    def args(t, n, write_y):
+        return dict(DY=t, G=t, U=t, DG=t, DU=t, Y=t, n=n, ACT=0, WRITE_Y=write_y, BLOCK=1024, EVEN=True, num_warps=4)
+
+    key = _analysis_key(kernel, args(a, 4096, True), {})
+    assert key is not None and key == _analysis_key(kernel, args(b, 8192, True), {})
+    assert key != _analysis_key(kernel, args(a, 4096, False), {})  # a constexpr: another kernel
+    assert key != _analysis_key(kernel, args(a, 4097, True), {})  # another specialization of n
+
+    def somebody_elses(G):
+        pass
+
+    assert _analysis_key(_jit(type("K", (), {"fn": somebody_elses})), {"G": a}, {}) is None  # torch's analysis
+
+
+def test_memoized_analysis_runs_once_per_key_and_hands_out_copies():
+    from liger_fx.kernels._library import memoized
+
+    calls = []
+
+    def analysis(kernel, kwargs, tma):
+        calls.append(kernel)
+        return ["DG", "DU"]
+
+    cached = memoized(analysis)
+    kernel = _jit(swiglu_kernels._swiglu_fwd_flat_kernel)
+    with FakeTensorMode():
+        x = torch.empty(64, device="cuda", dtype=BF16)
+    kw = dict(G=x, U=x, Y=x, n=64, ACT=0, BLOCK=64, EVEN=True)
+    first = cached(kernel, kw, {})
+    first.append("mutated by a caller")
+    assert cached(kernel, kw, {}) == ["DG", "DU"] and len(calls) == 1
+    cached(kernel, {**kw, "ACT": 1}, {})
+    cached("not a kernel", kw, {})
+    cached("not a kernel", kw, {})
+    assert len(calls) == 4  # once more for a new constant, and each time for what is not ours
