@@ -351,6 +351,11 @@ def run_variant_subprocess(shape: str, variant: str, *, smoke: bool, device, ste
         cmd += ["--batch", str(batch)] if batch else []
         cmd += ["--seq", str(seq)] if seq else []
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # Empty compile caches of its own for each variant: its warm-up is what a new user's first run pays, and no
+        # variant reuses kernels an earlier one (or the other lane, or an earlier call on the host) compiled. Until
+        # 62de109 the caches were shared, so a later variant's warm-up could be shorter for the order alone.
+        env["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(td, "inductor_cache")
+        env["TRITON_CACHE_DIR"] = os.path.join(td, "triton_cache")
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         t0 = time.perf_counter()
         with open(os.path.join(td, "log.txt"), "w+") as log:

@@ -31,7 +31,7 @@ E2E_ANCHORS = {  # shape -> variant -> (tok/s text, peak GiB)
 E2E_DEFINITIONS = (
     "tok/s = B*T*timed steps / wall time of the timed steps (CUDA-synchronized); step ms = median of per-step CUDA "
     "event times; peak GiB = torch.cuda.max_memory_allocated over the timed steps (stats reset after warm-up; the "
-    "model, grads and AdamW state are included); warm-up s = wall time of the warm-up steps (compilation included); "
+    "model, grads and AdamW state are included); warm-up s = wall time of the warm-up steps (compilation included, from empty Inductor and Triton caches of the variant's own since 2026-11-30); "
     "losses: same seed, same weights, same batches in every variant."
 )
 
