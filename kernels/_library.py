@@ -20,13 +20,13 @@ saves (tests/test_recompute.py) would no longer describe the GPU graph, where th
 
 Compile time: for every launch a traced graph holds, torch works out which tensors the kernel writes by compiling
 it to Triton IR and reading its stores (`triton_kernel_wrap`), once in functionalization and again in Inductor's
-lowering (torch 2.11: three call sites), and keeps nothing. A Qwen2-1.5B step holds ~300 launches of our kernels, most of them the
-same kernel with the same constants: on the H200 its compile spent 19.2 s in Inductor's GraphLowering.run against
-plain Inductor's 9.4, and 13.3 s tracing the joint graph against 8.6. `_memoize_kernel_analysis` keeps the answer
-per (kernel, constants) for OUR kernels only: what a kernel stores to depends on its source and its constexpr
-arguments, not on sizes or pointers. Other kernels go to torch's analysis as before. Measured on the H200 from
-empty caches: warm-up 47.7 -> 43.5 s (Llama-3.2-1B), 33.1 -> 30.1 s (Llama-3-8B, 8 layers; bench/RESULTS.md). `LIGER_FX_ANALYSIS_CACHE=0`
-(read at import) leaves torch's function alone.
+lowering (torch 2.11: three call sites), and keeps nothing. A Qwen2-1.5B step holds ~300 launches of our kernels,
+most of them the same kernel with the same constants: on the H200 its compile spent 19.2 s in Inductor's
+GraphLowering.run against plain Inductor's 9.4, and 13.3 s tracing the joint graph against 8.6. `memoized` keeps the
+answer per (kernel, constants) for OUR kernels only: what a kernel stores to depends on its source and its constexpr
+arguments, not on sizes or pointers. Other kernels go to torch's analysis as before. Measured on the H200 from empty
+caches: warm-up 47.7 -> 43.5 s (Llama-3.2-1B), 33.1 -> 30.1 s (Llama-3-8B, 8 layers; bench/RESULTS.md).
+`LIGER_FX_ANALYSIS_CACHE=0` (read at import) leaves torch's function alone.
 
 `LIGER_FX_OPAQUE_OPS=1` (read at import) registers the same bodies as opaque `custom_op`s instead: the
 implementation the project used before, kept to measure against and as a way out if a torch version mishandles
@@ -93,14 +93,14 @@ def _analysis_key(kernel, kwargs, tma_descriptor_metadata):
         return None
     if not getattr(fn, "__module__", "").startswith("liger_fx.kernels."):
         return None
-    constexpr = {p.name for p in params if p.is_constexpr}
+    names, constexpr = {p.name for p in params}, {p.name for p in params if p.is_constexpr}
     key = [id(kernel)]  # not the kernel: hashing a JITFunction hashes its source and dependencies
     for name, value in sorted(kwargs.items()):
         if isinstance(value, sympy.Expr):  # Inductor's lowering passes sizes as sympy
             value = int(value) if value.is_Integer else _SYMBOLIC
         if isinstance(value, (bool, str)) or value is None or (isinstance(value, int) and name in constexpr):
             key.append((name, value))
-        elif isinstance(value, int) and name not in {p.name for p in params}:  # a launch option (num_warps)
+        elif isinstance(value, int) and name not in names:  # a launch option (num_warps)
             key.append((name, value))
         elif isinstance(value, int):
             key.append((name, "int", value == 1, value % 16 == 0))

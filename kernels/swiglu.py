@@ -527,44 +527,17 @@ def _check_act(act: str) -> None:
         raise ValueError(f"liger_fx.swiglu: act must be one of {ACTS}, got {act!r}")
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor, act: str = "silu") -> torch.Tensor:
-    """Fused `act(gate) * up`; gate and up of one shape and dtype (views with a row stride are read in place)."""
-    _check_act(act)
+def _check_gate_up(name: str, gate: torch.Tensor, up: torch.Tensor) -> None:
     if gate.shape != up.shape or gate.dtype != up.dtype:
         raise ValueError(
-            f"liger_fx.swiglu: gate and up must match in shape and dtype, got {tuple(gate.shape)} {gate.dtype} "
+            f"liger_fx.{name}: gate and up must match in shape and dtype, got {tuple(gate.shape)} {gate.dtype} "
             f"and {tuple(up.shape)} {up.dtype}"
         )
-    return torch.ops.liger_fx.swiglu(gate, up, act)
 
 
-def swiglu_packed(gate_up: torch.Tensor, act: str = "silu") -> torch.Tensor:
-    """Fused `act(gate) * up` with `gate, up = gate_up.chunk(2, dim=-1)`; its gradient is one (..., 2I) tensor."""
-    _check_act(act)
+def _check_packed(name: str, gate_up: torch.Tensor) -> None:
     if gate_up.dim() == 0 or gate_up.shape[-1] % 2:
-        raise ValueError(f"liger_fx.swiglu_packed: last dim must be even, got shape {tuple(gate_up.shape)}")
-    return torch.ops.liger_fx.swiglu_packed(gate_up, act)
-
-
-def swiglu_linear(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, act: str = "silu") -> torch.Tensor:
-    """`F.linear(act(gate) * up, weight)` whose backward recomputes act(gate) * up in its gradient kernel."""
-    _check_act(act)
-    _check_weight("swiglu_linear", gate, weight)
-    if gate.shape != up.shape or gate.dtype != up.dtype:
-        raise ValueError(
-            f"liger_fx.swiglu_linear: gate and up must match in shape and dtype, got {tuple(gate.shape)} "
-            f"{gate.dtype} and {tuple(up.shape)} {up.dtype}"
-        )
-    return torch.ops.liger_fx.swiglu_linear(gate, up, weight, act)
-
-
-def swiglu_packed_linear(gate_up: torch.Tensor, weight: torch.Tensor, act: str = "silu") -> torch.Tensor:
-    """`F.linear(swiglu_packed(gate_up), weight)`, as swiglu_linear."""
-    _check_act(act)
-    if gate_up.dim() == 0 or gate_up.shape[-1] % 2:
-        raise ValueError(f"liger_fx.swiglu_packed_linear: last dim must be even, got shape {tuple(gate_up.shape)}")
-    _check_weight("swiglu_packed_linear", gate_up[..., : gate_up.shape[-1] // 2], weight)
-    return torch.ops.liger_fx.swiglu_packed_linear(gate_up, weight, act)
+        raise ValueError(f"liger_fx.{name}: last dim must be even, got shape {tuple(gate_up.shape)}")
 
 
 def _check_weight(name: str, gate: torch.Tensor, weight: torch.Tensor) -> None:
@@ -573,3 +546,33 @@ def _check_weight(name: str, gate: torch.Tensor, weight: torch.Tensor) -> None:
             f"liger_fx.{name}: weight must be (out, {gate.shape[-1]}) of dtype {gate.dtype}, got "
             f"{tuple(weight.shape)} {weight.dtype}"
         )
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, act: str = "silu") -> torch.Tensor:
+    """Fused `act(gate) * up`; gate and up of one shape and dtype (views with a row stride are read in place)."""
+    _check_act(act)
+    _check_gate_up("swiglu", gate, up)
+    return torch.ops.liger_fx.swiglu(gate, up, act)
+
+
+def swiglu_packed(gate_up: torch.Tensor, act: str = "silu") -> torch.Tensor:
+    """Fused `act(gate) * up` with `gate, up = gate_up.chunk(2, dim=-1)`; its gradient is one (..., 2I) tensor."""
+    _check_act(act)
+    _check_packed("swiglu_packed", gate_up)
+    return torch.ops.liger_fx.swiglu_packed(gate_up, act)
+
+
+def swiglu_linear(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, act: str = "silu") -> torch.Tensor:
+    """`F.linear(act(gate) * up, weight)` whose backward recomputes act(gate) * up in its gradient kernel."""
+    _check_act(act)
+    _check_gate_up("swiglu_linear", gate, up)
+    _check_weight("swiglu_linear", gate, weight)
+    return torch.ops.liger_fx.swiglu_linear(gate, up, weight, act)
+
+
+def swiglu_packed_linear(gate_up: torch.Tensor, weight: torch.Tensor, act: str = "silu") -> torch.Tensor:
+    """`F.linear(swiglu_packed(gate_up), weight)`, as swiglu_linear."""
+    _check_act(act)
+    _check_packed("swiglu_packed_linear", gate_up)
+    _check_weight("swiglu_packed_linear", gate_up[..., : gate_up.shape[-1] // 2], weight)
+    return torch.ops.liger_fx.swiglu_packed_linear(gate_up, weight, act)

@@ -155,6 +155,12 @@ def test_bad_arguments_name_the_problem():
         k.swiglu(x, x[:, :4], "silu")
     with pytest.raises(ValueError, match="even"):
         k.swiglu_packed(torch.randn(2, 7))
+    with pytest.raises(ValueError, match=r"swiglu_linear: weight must be \(out, 8\)"):
+        k.swiglu_linear(x, x, torch.randn(4, 6), "silu")
+    with pytest.raises(ValueError, match="swiglu_linear: gate and up must match"):
+        k.swiglu_linear(x, x[:, :4], torch.randn(4, 8), "silu")
+    with pytest.raises(ValueError, match="swiglu_packed_linear: last dim must be even"):
+        k.swiglu_packed_linear(torch.randn(2, 7), torch.randn(4, 3))
 
 
 # --------------------------------------------------------------------------------------------------------------
