@@ -1,0 +1,112 @@
+"""Where a variant's warm-up spends its host time: the first training step (Dynamo, our rewrite, AOT autograd,
+Inductor) under cProfile, from empty compile caches, as a new user's first run.
+
+    python -m bench.compile_profile --variant hf_hook [--shape llama-1b] [--out DIR]
+
+Prints the first step's wall time, the cumulative seconds of the compile phases that issue 17's warm-up budget
+names (joint-graph trace, our rewrite, Inductor's lowering and codegen, the user-kernel analyses) and the top
+functions by own time; writes the raw profile to DIR/compile-<variant>-<shape>.prof for pstats.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+# Empty caches of this process's own, set before torch reads them (bench/e2e.py's subprocesses do the same).
+_CACHE = tempfile.mkdtemp(prefix="liger_fx_compile_profile_")
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(_CACHE, "inductor"))
+os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(_CACHE, "triton"))
+
+import argparse  # noqa: E402
+import cProfile  # noqa: E402
+import pstats  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+from bench import e2e  # noqa: E402
+
+# (label, substring of pstats' "file:line(function)" key); cumulative time of the first match in each row
+PHASES = [
+    ("dynamo: whole first step's compile", "convert_frame.py", "_compile"),
+    ("liger_fx rewrite_graph", "liger_fx/backend.py", "rewrite_graph"),
+    ("  to_aten", "liger_fx/", "to_aten"),
+    ("  replace_by_example", "pattern_matcher.py", "replace_by_example"),
+    ("aot: graph capture (joint trace)", "graph_capture.py", "aot_dispatch_autograd_graph"),
+    ("aot: stage 2 (partition, compile fwd)", "graph_compile.py", "aot_stage2_autograd"),
+    ("partitioner", "partitioners.py", "min_cut_rematerialization_partition"),
+    ("inductor: compile_fx_inner", "compile_fx.py", "compile_fx_inner"),
+    ("inductor: GraphLowering.run", "graph.py", "run"),
+    ("inductor: codegen", "graph.py", "codegen"),
+    ("user kernel store analysis", "triton_kernel_wrap.py", "identify_mutated_tensors"),
+    ("user kernel store analysis (2.13)", "triton_kernel_wrap.py", "identify_accessed_tensors"),
+    ("user kernel ttir", "triton_kernel_wrap.py", "generate_ttir"),
+    ("triton_kernel_wrapper_mutation (traced)", "triton_kernel_wrap.py", "triton_kernel_wrapper_mutation_dense"),
+    ("functionalize user kernel", "triton_kernel_wrap.py", "triton_kernel_wrapper_mutation_functionalize"),
+    ("fake tensor dispatch", "fake_tensor.py", "dispatch"),
+    ("async compile wait", "async_compile.py", "wait"),
+]
+
+
+def phase_table(stats: pstats.Stats) -> list[tuple[str, float, int]]:
+    rows = []
+    for label, path, func in PHASES:
+        best = None
+        for (file, line, name), (cc, nc, tt, ct, callers) in stats.stats.items():
+            if name == func and path in file and (best is None or ct > best[0]):
+                best = (ct, nc)
+        if best:
+            rows.append((label, best[0], best[1]))
+    return rows
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--variant", default="hf_hook", choices=e2e.VARIANTS)
+    p.add_argument("--shape", default="llama-1b", choices=sorted(e2e.SHAPES))
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny model, fp32: checks this script in seconds")
+    args = p.parse_args(argv)
+
+    shape = e2e.SHAPES[args.shape]
+    device = "cpu" if args.smoke else "cuda"
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+    model = e2e.build_model(shape, smoke=args.smoke, device=device, dtype=dtype)
+    fn = e2e.make_variant(args.variant, model, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=e2e.LR, fused=not args.smoke)
+    B, T = (2, 32) if args.smoke else (shape.batch, shape.seq)
+    ids = torch.randint(0, model.config.vocab_size, (B, T), device=device)
+
+    def step():
+        loss = fn(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    step()
+    prof.disable()
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    step()
+    second = time.perf_counter() - t0
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"compile-{args.variant}-{args.shape}.prof")
+    prof.dump_stats(path)
+    stats = pstats.Stats(prof)
+    print(f"== {args.variant} {args.shape}: first step {first:.1f} s under cProfile, second step {second:.2f} s; "
+          f"torch {torch.__version__}; profile {path}")
+    for label, ct, nc in phase_table(stats):
+        print(f"{ct:8.2f} s  {nc:6d} calls  {label}")
+    print(f"== top {args.top} by own time")
+    stats.sort_stats("tottime").print_stats(args.top)
+
+
+if __name__ == "__main__":
+    main()
