@@ -61,12 +61,59 @@ def phase_table(stats: pstats.Stats) -> list[tuple[str, float, int]]:
     return rows
 
 
+class TtirLog:
+    """Triton's front end (Python AST to Triton IR) timed by who asked: torch's store analysis of a traced launch, a
+    JIT compile at a launch in this process, or anything else; with the kernel's name."""
+
+    def __init__(self):
+        from collections import defaultdict
+
+        import triton.compiler.code_generator as cg
+
+        self.cg, self.original = cg, cg.ast_to_ttir
+        self.seconds, self.calls = defaultdict(float), defaultdict(int)
+
+        def timed(fn, *args, **kwargs):
+            import traceback
+
+            files = [f.filename for f in traceback.extract_stack(limit=60)]
+            who = ("torch store analysis" if any("triton_kernel_wrap" in f for f in files)
+                   else "JIT compile at a launch" if any(f.endswith("runtime/jit.py") for f in files)
+                   else "other")
+            t0 = time.perf_counter()
+            try:
+                return self.original(fn, *args, **kwargs)
+            finally:
+                key = (who, getattr(fn, "__name__", "?"))
+                self.seconds[key] += time.perf_counter() - t0
+                self.calls[key] += 1
+
+        cg.ast_to_ttir = timed
+
+    def report(self) -> None:
+        total = sum(self.seconds.values())
+        print(f"== Triton front end (AST -> TTIR) in this process: {total:.2f} s, {sum(self.calls.values())} calls")
+        for (who, name), sec in sorted(self.seconds.items(), key=lambda kv: -kv[1]):
+            print(f"{sec:8.2f} s  {self.calls[(who, name)]:4d} calls  {who}: {name}")
+        try:
+            from torch._higher_order_ops import triton_kernel_wrap as tkw
+
+            for n in ("identify_accessed_tensors", "identify_mutated_tensors"):
+                cache = getattr(getattr(tkw, n, None), "liger_fx_cache", None)
+                if cache is not None:
+                    print(f"== liger_fx store-analysis cache ({n}): {len(cache)} entries")
+        except Exception as e:  # a report, not a failure
+            print("== store-analysis cache: unreadable:", e)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variant", default="hf_hook", choices=e2e.VARIANTS)
     p.add_argument("--shape", default="llama-1b", choices=sorted(e2e.SHAPES))
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--out", default=os.environ.get("OUT", "."))
+    p.add_argument("--cprofile", action="store_true", help="also cProfile the step (slows it ~2x; python 3.12's "
+                   "cumulative times are unreliable, own times are fine)")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny model, fp32: checks this script in seconds")
     args = p.parse_args(argv)
 
@@ -87,25 +134,33 @@ def main(argv=None) -> None:
         if device == "cuda":
             torch.cuda.synchronize()
 
-    prof = cProfile.Profile()
+    ttir = TtirLog() if not args.smoke else None
+    prof = cProfile.Profile() if args.cprofile else None
     t0 = time.perf_counter()
-    prof.enable()
+    if prof:
+        prof.enable()
     step()
-    prof.disable()
+    if prof:
+        prof.disable()
     first = time.perf_counter() - t0
     t0 = time.perf_counter()
     step()
     second = time.perf_counter() - t0
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"compile-{args.variant}-{args.shape}.prof")
-    prof.dump_stats(path)
-    stats = pstats.Stats(prof)
-    print(f"== {args.variant} {args.shape}: first step {first:.1f} s under cProfile, second step {second:.2f} s; "
-          f"torch {torch.__version__}; profile {path}")
-    for label, ct, nc in phase_table(stats):
-        print(f"{ct:8.2f} s  {nc:6d} calls  {label}")
-    print(f"== top {args.top} by own time")
-    stats.sort_stats("tottime").print_stats(args.top)
+    print(f"== {args.variant} {args.shape}: first step {first:.1f} s{' under cProfile' if prof else ''}, second step "
+          f"{second:.2f} s; torch {torch.__version__}")
+    print("== compile phases (s): " + ", ".join(f"{k} {v}" for k, v in e2e._compile_times().items()))
+    if ttir:
+        ttir.report()
+    if prof:
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, f"compile-{args.variant}-{args.shape}.prof")
+        prof.dump_stats(path)
+        stats = pstats.Stats(prof)
+        print(f"== profile {path}")
+        for label, ct, nc in phase_table(stats):
+            print(f"{ct:8.2f} s  {nc:6d} calls  {label}")
+        print(f"== top {args.top} by own time")
+        stats.sort_stats("tottime").print_stats(args.top)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,11 @@ kernels, optimizer, other) and the top kernels. This tells the next optimization
 from __future__ import annotations
 
 import argparse
+import gzip
+import json
+import os
 import re
+import tempfile
 import time
 from collections import defaultdict
 
@@ -49,6 +53,9 @@ def main(argv=None) -> None:
     p.add_argument("--gemms", action="store_true",
                    help="also a profiled step's matmuls one row per (op, input shapes, cuBLAS kernel): calls, ms, "
                         "TFLOP/s (issue 17's per-GEMM table; the kernel name ends in its layout, e.g. NNT)")
+    p.add_argument("--gaps", action="store_true",
+                   help="also a profiled step's GPU idle time: the gaps between kernels, the kernels around the "
+                        "largest and the CUDA runtime calls (syncs, mallocs) that overlap them; the trace goes to $OUT")
     p.add_argument("--host", type=int, default=0, metavar="N",
                    help="also profile N steps' Python with cProfile (host time per step, top functions by own time)")
     args = p.parse_args(argv)
@@ -101,6 +108,8 @@ def main(argv=None) -> None:
         lm_head_and_attention(step, model.config.vocab_size)
     if args.gemms:
         gemm_table(step)
+    if args.gaps:
+        gap_table(step, os.environ.get("OUT"), f"{args.variant}-{args.shape}")
     if args.host:
         # Where the host's time goes when the GPU waits on it (small batches): cProfile over N steps. Its own
         # overhead inflates every Python call alike, so read the ranking, not the absolute milliseconds.
@@ -184,6 +193,56 @@ def gemm_table(step) -> None:
     print("  ms       calls  TFLOP/s  op            shapes / kernel")
     for (name, shapes, kernels), (n, us, flop) in sorted(rows.items(), key=lambda kv: -kv[1][1]):
         print(f"  {us / 1e3:7.2f}  x{n:<4d}  {flop / us / 1e6:6.0f}   {name:13s} {shapes[:70]} {kernels[:60]}")
+
+
+def gap_table(step, out_dir, tag: str, min_us: float = 10.0, top: int = 15) -> None:
+    """Where the GPU idles within one step: wall time minus busy time, the gaps between consecutive GPU activities
+    (kernels, copies, fills) of at least `min_us`, and the CUDA runtime calls on the host that overlap each gap (a
+    synchronize or a cudaFree there is the host making the GPU wait)."""
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=acts) as prof:
+        step()
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as td:
+        path = os.path.join(td, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            trace = json.load(f)
+        if out_dir:
+            os.makedirs(out_dir, exist_ok=True)
+            with open(path, "rb") as f, gzip.open(os.path.join(out_dir, f"trace-{tag}.json.gz"), "wb") as g:
+                g.write(f.read())
+    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and "dur" in e]
+    gpu = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
+    runtime = [e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver")]
+    if not gpu:
+        print("== gaps: no GPU events in the trace")
+        return
+    busy, gaps, end, last = 0.0, [], gpu[0]["ts"], gpu[0]
+    for e in gpu:
+        if e["ts"] > end:
+            if e["ts"] - end >= min_us:
+                gaps.append((e["ts"] - end, end, last, e))
+            busy += e["dur"]
+        else:
+            busy += max(0.0, e["ts"] + e["dur"] - end)
+        if e["ts"] + e["dur"] >= end:
+            end, last = e["ts"] + e["dur"], e
+    span = end - gpu[0]["ts"]
+    print(f"== gaps: GPU span {span / 1e3:.1f} ms, busy {busy / 1e3:.1f} ms, idle {(span - busy) / 1e3:.1f} ms; "
+          f"{len(gaps)} gaps >= {min_us:.0f} us sum {sum(g[0] for g in gaps) / 1e3:.1f} ms")
+    calls = defaultdict(lambda: [0, 0.0])
+    for e in runtime:
+        calls[e["name"]][0] += 1
+        calls[e["name"]][1] += e["dur"]
+    print("  runtime calls (count, ms on the host): " + ", ".join(
+        f"{n} x{c} {t / 1e3:.1f}" for n, (c, t) in sorted(calls.items(), key=lambda kv: -kv[1][1])[:8]))
+    for dur, start, before, after in sorted(gaps, key=lambda g: -g[0])[:top]:
+        during = [e for e in runtime if e["ts"] < start + dur and e["ts"] + e["dur"] > start and e["dur"] > 5]
+        what = ", ".join(sorted({f"{e['name']}" for e in during}))[:80]
+        print(f"  {dur / 1e3:6.2f} ms at +{(start - gpu[0]['ts']) / 1e3:6.1f}  after {before['name'][:40]}  before "
+              f"{after['name'][:40]}  [{what}]")
 
 
 if __name__ == "__main__":
