@@ -101,7 +101,10 @@ class TtirLog:
             for n in ("identify_accessed_tensors", "identify_mutated_tensors"):
                 cache = getattr(getattr(tkw, n, None), "liger_fx_cache", None)
                 if cache is not None:
-                    print(f"== liger_fx store-analysis cache ({n}): {len(cache)} entries")
+                    fn = getattr(tkw, n)
+                    print(f"== liger_fx store-analysis cache ({n}): {len(cache)} entries; our launches analysed "
+                          f"uncached: {dict(getattr(fn, 'liger_fx_uncached', {}))}")
+                    print("   entries by kernel: " + ", ".join(sorted(f"{k.fn.__name__}" for k, _ in cache.values())))
         except Exception as e:  # a report, not a failure
             print("== store-analysis cache: unreadable:", e)
 

@@ -26,7 +26,8 @@ GraphLowering.run against plain Inductor's 9.4, and 13.3 s tracing the joint gra
 answer per (kernel, constants) for OUR kernels only: what a kernel stores to depends on its source and its constexpr
 arguments, not on sizes or pointers. Other kernels go to torch's analysis as before. Measured on the H200 from empty
 caches: warm-up 47.7 -> 43.5 s (Llama-3.2-1B), 33.1 -> 30.1 s (Llama-3-8B, 8 layers; bench/RESULTS.md).
-`LIGER_FX_ANALYSIS_CACHE=0` (read at import) leaves torch's function alone.
+`LIGER_FX_ANALYSIS_CACHE=0` (read at import) leaves torch's function alone; `=check` runs torch's analysis on
+every hit too and raises where the answers differ (the GPU tests run so).
 
 `LIGER_FX_OPAQUE_OPS=1` (read at import) registers the same bodies as opaque `custom_op`s instead: the
 implementation the project used before, kept to measure against and as a way out if a torch version mishandles
@@ -35,6 +36,7 @@ implementation the project used before, kept to measure against and as a way out
 
 from __future__ import annotations
 
+import collections
 import copy
 import functools
 import os
@@ -45,6 +47,8 @@ from torch._library.infer_schema import infer_schema
 from torch._library.triton import set_wrap_triton_enabled
 
 OPAQUE = os.environ.get("LIGER_FX_OPAQUE_OPS", "0") == "1"
+# LIGER_FX_ANALYSIS_CACHE=check: compare every cache hit with torch's own analysis (raises on a difference)
+CHECK = os.environ.get("LIGER_FX_ANALYSIS_CACHE") == "check"
 
 
 def _device_type(args) -> str:
@@ -84,9 +88,11 @@ _SYMBOLIC = object()
 
 def _analysis_key(kernel, kwargs, tma_descriptor_metadata):
     """What a kernel's store analysis depends on, for kernels of this package; None for anything else (not cached).
-    Tensors (fake, or Inductor's IR buffers) count by argument name only; constexpr arguments and launch options by
-    value; other numbers by the specializations Triton makes of them (== 1, divisible by 16), which change the IR
-    but not where it stores."""
+    Constexpr arguments and launch options count by value; other numbers by the specializations Triton makes of
+    them (== 1, divisible by 16), which change the IR but not where it stores; symbolic sizes as "symbolic" (torch
+    puts one stand-in value in their place before it generates the IR); any other runtime argument is a tensor, in
+    whatever form the caller holds it (fake tensor, Inductor IR node: TensorBox, StorageBox, InputBuffer,
+    ReinterpretView, ...) and counts by its name only."""
     fn = getattr(kernel, "fn", None)
     params = getattr(kernel, "params", None)
     if fn is None or params is None or tma_descriptor_metadata:
@@ -98,20 +104,20 @@ def _analysis_key(kernel, kwargs, tma_descriptor_metadata):
     for name, value in sorted(kwargs.items()):
         if isinstance(value, sympy.Expr):  # Inductor's lowering passes sizes as sympy
             value = int(value) if value.is_Integer else _SYMBOLIC
-        if isinstance(value, (bool, str)) or value is None or (isinstance(value, int) and name in constexpr):
+        if name in constexpr or name not in names:  # the IR is this value's (a launch option: num_warps)
+            if value is _SYMBOLIC or not isinstance(value, (bool, int, float, str, type(None), torch.dtype)):
+                return None  # a symbolic or unhashable constant: ask torch every time
             key.append((name, value))
-        elif isinstance(value, int) and name not in names:  # a launch option (num_warps)
+        elif value is None or isinstance(value, bool):
             key.append((name, value))
         elif isinstance(value, int):
             key.append((name, "int", value == 1, value % 16 == 0))
-        elif isinstance(value, float) and name not in constexpr:
+        elif isinstance(value, float):
             key.append((name, "float"))
-        elif (value is _SYMBOLIC or isinstance(value, (torch.SymInt, torch.SymFloat))) and name not in constexpr:
-            key.append((name, "sym"))
-        elif isinstance(value, torch.Tensor) or type(value).__name__ in ("TensorBox", "StorageBox", "ReinterpretView"):
-            key.append((name, "tensor"))
+        elif value is _SYMBOLIC or isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            key.append((name, "symbolic"))
         else:
-            return None
+            key.append((name, "tensor"))
     return tuple(key)
 
 
@@ -123,12 +129,21 @@ def memoized(original):
     def analysed(kernel, kwargs, tma_descriptor_metadata, *args, **kw):
         key = _analysis_key(kernel, kwargs, tma_descriptor_metadata) if not args and not kw else None
         if key is None:
+            name = getattr(getattr(kernel, "fn", None), "__module__", "")
+            if name.startswith("liger_fx.kernels."):  # ours, not cached: bench/compile_profile.py reports these
+                analysed.liger_fx_uncached[kernel.fn.__name__] += 1
             return original(kernel, kwargs, tma_descriptor_metadata, *args, **kw)
         if key not in cache:  # the kernel is kept with its entry, so its id is never another's
             cache[key] = (kernel, original(kernel, kwargs, tma_descriptor_metadata))
+        elif CHECK:  # every hit against a fresh analysis (the GPU tests run this way)
+            fresh = original(kernel, kwargs, tma_descriptor_metadata)
+            if fresh != cache[key][1]:
+                raise AssertionError(f"liger_fx: cached store analysis of {kernel.fn.__name__} is {cache[key][1]}, "
+                                     f"torch's is {fresh}; key {key}")
         return copy.deepcopy(cache[key][1])  # callers own what they get, as from a fresh analysis
 
     analysed.liger_fx_cache = cache
+    analysed.liger_fx_uncached = collections.Counter()
     return analysed
 
 

@@ -22,6 +22,15 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 FLAGS = ("rms_norm", "rope", "swiglu", "fused_linear_cross_entropy")
 
 
+@pytest.fixture(autouse=True)
+def _check_the_analysis_cache(monkeypatch):
+    """Every compile here also checks each hit of kernels/_library.py's store-analysis cache against torch's own
+    analysis of that launch (the same as LIGER_FX_ANALYSIS_CACHE=check)."""
+    import liger_fx.kernels._library as library
+
+    monkeypatch.setattr(library, "CHECK", True)
+
+
 def _norm(x, w):
     xf = x.float()
     return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
