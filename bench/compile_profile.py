@@ -13,19 +13,14 @@ from __future__ import annotations
 import os
 import tempfile
 
-# Empty caches of this process's own, set before torch reads them (bench/e2e.py's subprocesses do the same).
-_CACHE = tempfile.mkdtemp(prefix="liger_fx_compile_profile_")
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(_CACHE, "inductor"))
-os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(_CACHE, "triton"))
+import argparse
+import cProfile
+import pstats
+import time
 
-import argparse  # noqa: E402
-import cProfile  # noqa: E402
-import pstats  # noqa: E402
-import time  # noqa: E402
+import torch
 
-import torch  # noqa: E402
-
-from bench import e2e  # noqa: E402
+from bench import e2e
 
 # (label, substring of pstats' "file:line(function)" key); cumulative time of the first match in each row
 PHASES = [
@@ -119,6 +114,11 @@ def main(argv=None) -> None:
                    "cumulative times are unreliable, own times are fine)")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny model, fp32: checks this script in seconds")
     args = p.parse_args(argv)
+    # Empty caches of this run's own, as a new user's first run (bench/e2e.py's subprocesses do the same); torch
+    # and Triton read these at their first compile.
+    cache = tempfile.mkdtemp(prefix="liger_fx_compile_profile_")
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(cache, "inductor"))
+    os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(cache, "triton"))
 
     shape = e2e.SHAPES[args.shape]
     device = "cpu" if args.smoke else "cuda"

@@ -144,3 +144,15 @@ def test_flce_compiled_provider_is_really_rewritten():
     with smoke_codegen():
         bench.providers["liger_fx"]()
     assert counters["liger_fx"]["fused_linear_cross_entropy"] == 1
+
+
+def test_compile_profile_smoke(tmp_path, capsys, monkeypatch):
+    """bench/compile_profile.py on CPU: the first step compiles (cProfile on) and the phase table names our rewrite."""
+    from bench import compile_profile
+
+    for var in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):  # the script's own defaults stay out of this process
+        monkeypatch.setenv(var, str(tmp_path / var.lower()))
+    compile_profile.main(["--smoke", "--variant", "hf_hook", "--cprofile", "--top", "3", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "first step" in out and "liger_fx rewrite_graph" in out
+    assert (tmp_path / "compile-hf_hook-llama-1b.prof").stat().st_size > 0

@@ -247,3 +247,28 @@ def test_analysis_key_takes_any_tensor_form_and_refuses_symbolic_constants():
     symbolic = _analysis_key(kernel, args(a, s), {})
     assert symbolic is not None and symbolic != fake and symbolic == _analysis_key(kernel, args(a, 2 * s), {})
     assert _analysis_key(kernel, {**args(a, 4096), "BLOCK": s}, {}) is None
+
+
+def test_analysis_key_sees_through_the_autotuner_torch_wraps_a_launch_in():
+    """A launch with num_warps reaches the analysis as a one-config Triton Autotuner around our kernel, a new one
+    per launch (torch's TritonHOPifier moves the launch options into a config). Its key is the kernel's own, with
+    the config's arguments, so every launch of a kernel with the same constants shares one entry."""
+    import triton
+
+    from liger_fx.kernels._library import _analysis_key, memoized
+
+    kernel = _jit(swiglu_kernels._swiglu_fwd_flat_kernel)
+    with FakeTensorMode():
+        x = torch.empty(64, device="cuda", dtype=BF16)
+    kw = dict(G=x, U=x, Y=x, n=64, ACT=0, BLOCK=64, EVEN=True)
+    wrapped = [triton.autotune(configs=[triton.Config(kwargs={}, num_warps=w)], key=[])(kernel) for w in (4, 4, 8)]
+    assert _analysis_key(kernel, kw, {}) is not None
+    assert all(_analysis_key(a, kw, {}) == _analysis_key(kernel, kw, {}) for a in wrapped)
+    with_config = triton.autotune(configs=[triton.Config(kwargs={"BLOCK": 128})], key=[])(kernel)
+    assert _analysis_key(with_config, kw, {}) == _analysis_key(kernel, {**kw, "BLOCK": 128}, {})
+
+    calls = []
+    cached = memoized(lambda k, kwargs, tma: calls.append(k) or ["Y"])
+    for k in [kernel, *wrapped]:
+        assert cached(k, kw, {}) == ["Y"]
+    assert len(calls) == 1 and not cached.liger_fx_uncached
