@@ -24,8 +24,10 @@ lowering (torch 2.11: three call sites), and keeps nothing. A Qwen2-1.5B step ho
 most of them the same kernel with the same constants: on the H200 its compile spent 19.2 s in Inductor's
 GraphLowering.run against plain Inductor's 9.4, and 13.3 s tracing the joint graph against 8.6. `memoized` keeps the
 answer per (kernel, constants) for OUR kernels only: what a kernel stores to depends on its source and its constexpr
-arguments, not on sizes or pointers. Other kernels go to torch's analysis as before. Measured on the H200 from empty
-caches: warm-up 47.7 -> 43.5 s (Llama-3.2-1B), 33.1 -> 30.1 s (Llama-3-8B, 8 layers; bench/RESULTS.md).
+arguments, not on sizes or pointers. Other kernels go to torch's analysis as before. Measured on the H200
+(bench/compile_profile.py, a Llama-3.2-1B compile from empty caches): 364 analyses, 8.9 s of Triton IR generation,
+before the key saw through torch's Autotuner wrapper (`_unwrap_autotuner`); 7 and 0.18 s after. Warm-up 31.1 s
+against plain Inductor's 40.7 (Qwen2-1.5B: 51.2 against 63.4; bench/RESULTS.md, 2026-11-30 03:32 section).
 `LIGER_FX_ANALYSIS_CACHE=0` (read at import) leaves torch's function alone; `=check` runs torch's analysis on
 every hit too and raises where the answers differ (the GPU tests run so).
 
