@@ -272,3 +272,20 @@ def test_analysis_key_sees_through_the_autotuner_torch_wraps_a_launch_in():
     for k in [kernel, *wrapped]:
         assert cached(k, kw, {}) == ["Y"]
     assert len(calls) == 1 and not cached.liger_fx_uncached
+
+
+def test_check_mode_compares_every_hit_with_a_fresh_analysis(monkeypatch):
+    """LIGER_FX_ANALYSIS_CACHE=check (the GPU tests' mode): a hit runs torch's analysis again and raises, naming
+    both answers, where they differ."""
+    import liger_fx.kernels._library as library
+
+    answers = iter([["Y"], ["Y"], ["Y", "G"]])
+    cached = library.memoized(lambda k, kwargs, tma: next(answers))
+    kernel = _jit(swiglu_kernels._swiglu_fwd_flat_kernel)
+    with FakeTensorMode():
+        x = torch.empty(64, device="cuda", dtype=BF16)
+    kw = dict(G=x, U=x, Y=x, n=64, ACT=0, BLOCK=64, EVEN=True)
+    monkeypatch.setattr(library, "CHECK", True)
+    assert cached(kernel, kw, {}) == ["Y"] and cached(kernel, kw, {}) == ["Y"]
+    with pytest.raises(AssertionError, match=r"cached store analysis .* is \['Y'\], torch's is \['Y', 'G'\]"):
+        cached(kernel, kw, {})
