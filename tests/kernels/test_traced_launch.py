@@ -224,8 +224,7 @@ def test_memoized_analysis_runs_once_per_key_and_hands_out_copies():
 def test_analysis_key_takes_any_tensor_form_and_refuses_symbolic_constants():
     """Inductor's lowering hands the analysis its IR nodes (TensorBox, StorageBox, InputBuffer, ...) where the
     joint trace handed fake tensors: a runtime argument that is no number is a tensor, whatever its class, and
-    keys as one (on the H200 a Llama-3.2-1B compile still ran torch's analysis 364 times beside a cache of 6
-    entries). A symbolic constexpr is not cached; a symbolic size is one key."""
+    keys as one. A symbolic constexpr is not cached; a symbolic size is one key."""
     import sympy
 
     from liger_fx.kernels._library import _analysis_key
