@@ -65,7 +65,7 @@ class TtirLog:
 
         import triton.compiler.code_generator as cg
 
-        self.cg, self.original = cg, cg.ast_to_ttir
+        self.original = cg.ast_to_ttir
         self.seconds, self.calls = defaultdict(float), defaultdict(int)
 
         def timed(fn, *args, **kwargs):
@@ -120,21 +120,11 @@ def main(argv=None) -> None:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(cache, "inductor"))
     os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(cache, "triton"))
 
-    shape = e2e.SHAPES[args.shape]
-    device = "cpu" if args.smoke else "cuda"
-    dtype = torch.float32 if args.smoke else torch.bfloat16
-    model = e2e.build_model(shape, smoke=args.smoke, device=device, dtype=dtype)
-    fn = e2e.make_variant(args.variant, model, device)
-    opt = torch.optim.AdamW(model.parameters(), lr=e2e.LR, fused=not args.smoke)
-    B, T = (2, 32) if args.smoke else (shape.batch, shape.seq)
-    ids = torch.randint(0, model.config.vocab_size, (B, T), device=device)
+    _, run = e2e.training_step(args.shape, args.variant, smoke=args.smoke)
 
     def step():
-        loss = fn(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device == "cuda":
+        run()
+        if not args.smoke:
             torch.cuda.synchronize()
 
     ttir = TtirLog() if not args.smoke else None

@@ -207,6 +207,28 @@ def make_variant(variant: str, model, device):
     raise ValueError(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS)}")
 
 
+def training_step(shape_name: str, variant: str, *, smoke: bool = False, batch=None, seq=None):
+    """The model and one training step (forward with labels, backward, fused AdamW, zero_grad) of `variant` on a
+    fixed batch, for the tools that profile a single step (bench/profile_step.py, bench/compile_profile.py). CUDA and
+    bf16; CPU and fp32 with `smoke`. The step does not synchronize."""
+    shape = SHAPES[shape_name]
+    device = "cpu" if smoke else "cuda"
+    model = build_model(shape, smoke, device, torch.float32 if smoke else torch.bfloat16)
+    fn = make_variant(variant, model, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, fused=not smoke)
+    g = torch.Generator(device=device).manual_seed(1234)
+    B, T = batch or (2 if smoke else shape.batch), seq or (32 if smoke else shape.seq)
+    ids = torch.randint(0, model.config.vocab_size, (B, T), device=device, generator=g)
+
+    def step():
+        loss = fn(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return model, step
+
+
 def run_one(shape_name: str, variant: str, *, smoke: bool, device, steps: int, warmup: int, batch=None, seq=None,
             phase=lambda s: None) -> dict:
     """Build, warm up, time. Returns the result row (status "ok")."""

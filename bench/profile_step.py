@@ -61,18 +61,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
 
     shape = e2e.SHAPES[args.shape]
-    model = e2e.build_model(shape, smoke=False, device="cuda", dtype=torch.bfloat16)
-    fn = e2e.make_variant(args.variant, model, "cuda")
-    opt = torch.optim.AdamW(model.parameters(), lr=e2e.LR, fused=True)
-    g = torch.Generator(device="cuda").manual_seed(1234)
     B, T = args.batch or shape.batch, args.seq or shape.seq
-    ids = torch.randint(0, model.config.vocab_size, (B, T), device="cuda", generator=g)
-
-    def step():
-        loss = fn(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    model, step = e2e.training_step(args.shape, args.variant, batch=B, seq=T)
 
     for _ in range(args.warmup):
         step()
