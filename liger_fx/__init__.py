@@ -3,16 +3,6 @@
     torch.compile(model, backend="liger")          # no import needed: an entry point registers the backend
 """
 
-import os as _os
-
-# In a source checkout that was not pip-installed (e.g. PYTHONPATH=. on the GPU machine), `patterns/` and `kernels/`
-# sit beside this package: let them import as liger_fx.patterns / liger_fx.kernels, as the installed mapping does.
-_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
-if not _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "kernels")) and _os.path.isfile(
-    _os.path.join(_root, "kernels", "__init__.py")
-):
-    __path__.append(_root)
-
 from . import kernels  # noqa: F401  (registers the liger_fx:: ops)
 from .api import apply  # liger_fx.apply(model, **flags): compile in place, no logits in training steps
 from .backend import liger_backend

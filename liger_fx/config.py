@@ -69,7 +69,7 @@ class LigerConfig:
     """Where `recompute` recomputes a SwiGLU/GeGLU output whose one user is a bias-free linear (the down projection),
     run the two as one op whose backward computes the output in the same kernel as the SwiGLU's gradient, instead of
     in a launch of its own that reads gate and up again: 2 x B*T*I elements less traffic and one launch less per
-    layer, nothing more saved (kernels/swiglu.py, patterns/swiglu.recompute_in_linear). Off, or with `recompute` off,
+    layer, nothing more saved (liger_fx/kernels/swiglu.py, liger_fx/patterns/swiglu.recompute_in_linear). Off, or with `recompute` off,
     the linear stays an nn.Linear's matmul."""
 
     @classmethod

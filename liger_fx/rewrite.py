@@ -5,7 +5,7 @@ by `canonicalize.trace_pattern` into the same IR as the model, and matched with 
 (`fx_to_pattern` + `PatternMatcherPass`, as `fx_passes/fuse_attention.py` does). A match is refused when an
 intermediate value has users outside the pattern, or when the pattern's `check` returns a reason.
 
-Every family module in `patterns/` exposes:
+Every family module in `liger_fx/patterns/` exposes:
     patterns() -> list[Pattern]              the variants (built lazily: tracing costs ~10 ms each)
     candidates(graph) -> list[(flag, node)]  anchors found independently of the matcher (e.g. an rsqrt of a mean
                                              of squares); an anchor still in the graph after the pass is a near miss

@@ -211,14 +211,10 @@ _flce.register_autograd(_backward, setup_context=_setup_context)
 # so the flags cannot be decided at rewrite time; a plain Python function as the node target would work too but
 # makes AOTAutograd's cache bypass the graph.
 _lib = torch.library.Library("liger_fx", "FRAGMENT")
-# From a source checkout, transformers' probe for the hub `kernels` package can import this directory a second time
-# as top-level `kernels`; defining the op twice would raise.
-_DEFINED = hasattr(torch.ops.liger_fx, "linear_cross_entropy")
-if not _DEFINED:
-    _lib.define(
-        "linear_cross_entropy(Tensor h, Tensor weight, Tensor? bias, Tensor target, int ignore_index, str reduction, "
-        "float softcap, float logit_scale) -> Tensor"
-    )
+_lib.define(
+    "linear_cross_entropy(Tensor h, Tensor weight, Tensor? bias, Tensor target, int ignore_index, str reduction, "
+    "float softcap, float logit_scale) -> Tensor"
+)
 
 
 def _linear_cross_entropy(h, weight, bias, target, ignore_index, reduction, softcap, logit_scale):
@@ -248,8 +244,7 @@ def _autocast(h, weight, bias):
     return h, weight, bias
 
 
-if not _DEFINED:
-    _lib.impl("linear_cross_entropy", _linear_cross_entropy, "CompositeImplicitAutograd")
+_lib.impl("linear_cross_entropy", _linear_cross_entropy, "CompositeImplicitAutograd")
 
 
 def fused_linear_cross_entropy(h, weight, target, bias=None, ignore_index: int = -100, reduction: str = "mean",
@@ -415,24 +410,25 @@ _lce_logits.register_autograd(_lce_backward, setup_context=_lce_setup_context)
 
 # `liger_fx::lm_head_cross_entropy`: what the rewrite inserts where the logits are also used (returned). Composite,
 # like `linear_cross_entropy`, for autocast; it also flattens h (..., H) and restores the logits' (..., V) shape.
-if not hasattr(torch.ops.liger_fx, "lm_head_cross_entropy"):
-    _lib.define(
-        "lm_head_cross_entropy(Tensor h, Tensor weight, Tensor? bias, Tensor target, int ignore_index, str reduction, "
-        "float softcap, float logit_scale, bool logits_grad=True) -> (Tensor, Tensor)"
-    )
+_lib.define(
+    "lm_head_cross_entropy(Tensor h, Tensor weight, Tensor? bias, Tensor target, int ignore_index, str reduction, "
+    "float softcap, float logit_scale, bool logits_grad=True) -> (Tensor, Tensor)"
+)
 
-    def _lm_head_cross_entropy(h, weight, bias, target, ignore_index, reduction, softcap, logit_scale,
-                               logits_grad=True):
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"liger_fx.lm_head_cross_entropy: reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        lead = h.shape[:-1]
-        h, weight, bias = _autocast(h, weight, bias)
-        logits, loss, _ = torch.ops.liger_fx.linear_cross_entropy_logits(
-            h.reshape(-1, h.shape[-1]), weight, bias, target.reshape(-1), ignore_index, reduction, softcap,
-            logit_scale, logits_grad)
-        return logits.view(*lead, logits.shape[-1]), loss
 
-    _lib.impl("lm_head_cross_entropy", _lm_head_cross_entropy, "CompositeImplicitAutograd")
+def _lm_head_cross_entropy(h, weight, bias, target, ignore_index, reduction, softcap, logit_scale,
+                           logits_grad=True):
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"liger_fx.lm_head_cross_entropy: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    lead = h.shape[:-1]
+    h, weight, bias = _autocast(h, weight, bias)
+    logits, loss, _ = torch.ops.liger_fx.linear_cross_entropy_logits(
+        h.reshape(-1, h.shape[-1]), weight, bias, target.reshape(-1), ignore_index, reduction, softcap,
+        logit_scale, logits_grad)
+    return logits.view(*lead, logits.shape[-1]), loss
+
+
+_lib.impl("lm_head_cross_entropy", _lm_head_cross_entropy, "CompositeImplicitAutograd")
 
 
 def lm_head_cross_entropy(h, weight, target, bias=None, ignore_index: int = -100, reduction: str = "mean",
