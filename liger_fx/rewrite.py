@@ -311,8 +311,8 @@ are not known here. Nor does a graph that does not hold the whole step (`_whole_
 is its own graph, 0.38 GiB of fused outputs at Llama-3.2-1B B8 T2048, "small" in each of 16 graphs and 6 GiB in all."""
 
 
-_LOSSES = ("lm_head_cross_entropy", "linear_cross_entropy", "fused_linear_cross_entropy", "linear_logprobs", "cross_entropy",
-           "cross_entropy_loss", "nll_loss_forward", "nll_loss", "nll_loss_nd")  # ours (any form), then aten's
+_LOSSES = ("lm_head_cross_entropy", "linear_cross_entropy", "fused_linear_cross_entropy", "linear_logprobs",
+           "cross_entropy", "cross_entropy_loss", "nll_loss_forward", "nll_loss", "nll_loss_nd")  # ours, then aten's
 
 
 def _whole_step(graph: fx.Graph) -> bool:
