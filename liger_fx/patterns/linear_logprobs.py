@@ -40,7 +40,10 @@ FLAG = "fused_linear_logprobs"
 
 _LOG_SOFTMAX = (aten.log_softmax.int, aten._log_softmax.default)
 _SOFTMAX = (aten.softmax.int, aten._softmax.default)
-_ANCHORS = (*_LOG_SOFTMAX, *_SOFTMAX, aten.logsumexp.default)
+# What marks a site: a log-softmax or a logsumexp of lm_head logits. A softmax alone does not: a MoE router's
+# softmax(linear(h)) feeds a top-k (Mixtral: 2 sites of 2 layers were counted as misses when it did); every entropy
+# spelling has a log-softmax or a logsumexp beside its softmax.
+_ANCHORS = (*_LOG_SOFTMAX, aten.logsumexp.default)
 _SUMS = (aten.sum.dim_IntList,)
 
 
@@ -270,7 +273,7 @@ def _accept_chunks(sources, nodes) -> bool:
 
 
 def _sites(graph: fx.Graph) -> dict:
-    """x -> its anchors (log_softmax, softmax, logsumexp consuming it), for every x that comes from a linear."""
+    """x -> its anchors (log_softmax, logsumexp consuming it), for every x that comes from a linear."""
     out: dict = {}
     for n in graph.nodes:
         if _is(n, *_ANCHORS):
@@ -357,8 +360,8 @@ def _fuse_site(graph: fx.Graph, x: fx.Node) -> str | None:
 
 
 def candidates(graph: fx.Graph) -> list[tuple[str, fx.Node]]:
-    """One anchor per lm_head site and grad region: the first log_softmax / softmax / logsumexp of logits that come
-    from a linear (through row chunks of a loop too)."""
+    """One anchor per lm_head site and grad region: the first log_softmax / logsumexp of logits that come from a
+    linear (through row chunks of a loop too)."""
     grads = _grad_regions(graph)
     out, seen = [], set()
     for x, anchors in _sites(graph).items():
