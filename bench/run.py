@@ -1,6 +1,7 @@
 """The one benchmark CLI: fused kernels (fwd+bwd) against torch, Inductor and liger-kernel, and the end-to-end step.
 
     python -m bench.run --kernels all --e2e llama-1b [--smoke] [--out DIR]
+    python -m bench.run --kernels none --e2e none --post all      # GRPO/DPO steps (bench/post_training.py)
 
 Registry protocol (one function per kernel module, `bench/kernels_<key>.py`):
 
@@ -30,7 +31,7 @@ import traceback
 
 import torch
 
-from bench import common, e2e, report
+from bench import common, e2e, post_training, report
 from bench.common import GiB, KernelBench
 
 KERNELS = {  # key -> module; the order is the run order
@@ -167,6 +168,10 @@ def parse_args(argv=None):
     p.add_argument("--kernels", default="all", help=f"all, none, or a comma list of {', '.join(KERNELS)}")
     p.add_argument("--e2e", default="llama-1b", help=f"none, all, or a comma list of {', '.join(e2e.SHAPES)}")
     p.add_argument("--variants", default="all", help=f"comma list of {', '.join(e2e.VARIANTS)}")
+    p.add_argument("--post", default="none",
+                   help=f"post-training steps: none, all, or a comma list of {', '.join(post_training.WORKLOADS)}")
+    p.add_argument("--post-variants", default="all", help=f"comma list of {', '.join(post_training.VARIANTS)}")
+    p.add_argument("--post-steps", type=int, default=None, help="timed post-training steps (default 5; smoke 2)")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, reference ops: checks the code in seconds")
     p.add_argument("--device", default=None, help="default: cuda if available (cpu with --smoke)")
     p.add_argument("--out", default=os.environ.get("OUT"), help="write results.json/results.md/e2e.png here")
@@ -188,6 +193,8 @@ def parse_args(argv=None):
     args.kernel_list = _csv(args.kernels, KERNELS, "kernel")
     args.shape_list = _csv(args.e2e, e2e.SHAPES, "e2e shape")
     args.variant_list = _csv(args.variants, e2e.VARIANTS, "variant")
+    args.post_list = _csv(args.post, post_training.WORKLOADS, "post-training workload")
+    args.post_variant_list = _csv(args.post_variants, post_training.VARIANTS, "post-training variant")
     args.device = args.device or ("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     args.steps = args.steps if args.steps is not None else (2 if args.smoke else 10)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 3)
@@ -205,6 +212,9 @@ def save(results: dict, out: str | None) -> None:
         json.dump(results, f, indent=1, default=str)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(report.render_markdown(results))
+        if results.get("post_training"):
+            f.write("\n\n## Post-training steps (bench/post_training.py)\n\n" + post_training.table(
+                results["post_training"]) + "\n")
 
 
 def _work(args, results: dict, env: dict, left) -> None:
@@ -270,6 +280,28 @@ def _work(args, results: dict, env: dict, left) -> None:
                   f"warm-up {res.get('warmup_s')}  loss {res.get('final_loss')}", flush=True)
             save(results, args.out)
 
+    post_steps = args.post_steps if args.post_steps is not None else (2 if args.smoke else 5)
+    for workload in args.post_list:
+        for variant in args.post_variant_list:
+            if left() <= 30:
+                results["post_training"].append({"workload": workload, "variant": variant,
+                                                 "status": "skipped (time budget)", "env": env})
+                continue
+            print(f"== post-training {workload} {variant}", flush=True)
+            kw = dict(smoke=args.smoke, device=args.device, steps=post_steps, warmup=1 if args.smoke else 2)
+            if args.inprocess:
+                res = post_training.run_inprocess(workload, variant, **kw)
+            else:
+                res = post_training.run_subprocess(workload, variant, timeout=min(args.variant_timeout, left() - 5),
+                                                   **kw)
+            res["env"] = env
+            results["post_training"].append(res)
+            post_training.add_loss_diffs(results["post_training"])
+            print(f"  -> {res['status']}  tok/s {res.get('tok_s')}  peak {res.get('peak_gib')}  "
+                  f"x inductor tok/s {res.get('tok_s_vs_inductor')} peak {res.get('peak_vs_inductor')}  "
+                  f"loss diff {res.get('max_loss_diff')}", flush=True)
+            save(results, args.out)
+
 
 def main(argv=None) -> int:
     args = parse_args(argv)
@@ -283,7 +315,7 @@ def main(argv=None) -> int:
 
     env = common.env_info()
     results = {"env": env, "smoke": args.smoke, "device": args.device, "argv": sys.argv[1:] if argv is None else argv,
-               "loss_atol": args.loss_atol, "ceilings": {}, "kernels": [], "e2e": [], "notes": [],
+               "loss_atol": args.loss_atol, "ceilings": {}, "kernels": [], "e2e": [], "post_training": [], "notes": [],
                "definitions": {"extra_peak": common.EXTRA_PEAK_DEFINITION, "e2e": report.E2E_DEFINITIONS}}
     print("== " + report.env_line(env), flush=True)
 
@@ -301,6 +333,8 @@ def main(argv=None) -> int:
     results["total_s"] = time.perf_counter() - start
     save(results, args.out)
     print("\n" + report.render_markdown(results))
+    if results["post_training"]:
+        print("\n" + post_training.table(results["post_training"]))
     print(report.short_summary(results))
     return 0
 

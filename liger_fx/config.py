@@ -33,7 +33,14 @@ class LigerConfig:
     losses it could not fuse (Liger raises instead; we keep both useful)."""
 
     fused_linear_cross_entropy: bool = True
-    """Fuse lm_head + cross-entropy so the B*T*V logits are never materialized for the loss."""
+    """Fuse lm_head + cross-entropy so the B*T*V logits are never materialized for the loss (`reduction="none"`
+    too: per-token losses, masked or weighted downstream, and a loop of per-chunk losses joined by `cat`)."""
+
+    fused_linear_logprobs: bool = True
+    """Fuse lm_head + per-token log-probs and entropies (GRPO/PPO/DPO: `log_softmax(logits / t).gather(-1, ids)`,
+    `gather - logsumexp`, TRL's `selective_log_softmax` and `entropy_from_logits` loops, `-(p * log p).sum(-1)`)
+    into `liger_fx::linear_logprobs`, which never materializes the logits; whatever uses the per-token values
+    (masks, ratios, advantages, KL to a reference) stays in the graph for Inductor."""
 
     # -- liger-fx's own options (not rewrites; not counted, not in the coverage report) --
 

@@ -226,6 +226,13 @@ def record_replacement(flag: str, pattern: str, node: fx.Node) -> None:
     log.debug("liger_fx: %s replaced at %s (%s)", flag, where(node), pattern)
 
 
+def record_miss(flag: str, node: fx.Node, reason: str) -> None:
+    """Record a near miss a family's own `rewrite` found at a node that was not among its `candidates` (a chunked
+    loop it merged into one computation, then could not fuse): the record must not lose the site."""
+    if _Run.current is not None:
+        _Run.current.record.misses.append(Miss(flag, where(node), reason))
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Scalars captured from the graph.
 
@@ -304,8 +311,8 @@ are not known here. Nor does a graph that does not hold the whole step (`_whole_
 is its own graph, 0.38 GiB of fused outputs at Llama-3.2-1B B8 T2048, "small" in each of 16 graphs and 6 GiB in all."""
 
 
-_LOSSES = ("lm_head_cross_entropy", "linear_cross_entropy", "fused_linear_cross_entropy", "cross_entropy",
-           "cross_entropy_loss", "nll_loss_forward", "nll_loss", "nll_loss_nd")  # ours (any form), then aten's
+_LOSSES = ("lm_head_cross_entropy", "linear_cross_entropy", "fused_linear_cross_entropy", "linear_logprobs",
+           "cross_entropy", "cross_entropy_loss", "nll_loss_forward", "nll_loss", "nll_loss_nd")  # ours, then aten's
 
 
 def _whole_step(graph: fx.Graph) -> bool:

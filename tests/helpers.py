@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -63,3 +64,58 @@ MOE_SPLIT_BY_TRANSFORMERS = (
     "a graph break for plain Inductor too (tests/helpers.py: moe_traces_whole)"
 )
 
+
+
+class AotGraphs:
+    """The forward and backward graphs AOTAutograd hands to Inductor for every graph the liger backend compiles
+    (`capture_aot_graphs`), to check what a compiled step holds."""
+
+    def __init__(self):
+        self.graphs: list = []  # (kind, GraphModule), kind "forward" or "backward"
+
+    def largest(self) -> tuple[int, str]:
+        """(elements, where) of the largest tensor any node of any graph holds (symbolic sizes at their hint)."""
+        best = (0, "")
+        for kind, gm in self.graphs:
+            for node in gm.graph.nodes:
+                vals = node.meta.get("val")
+                for v in vals if isinstance(vals, (list, tuple)) else (vals,):
+                    if isinstance(v, torch.Tensor):
+                        n = _hint(v.numel())
+                        if n > best[0]:
+                            best = (n, f"{kind} {node.name} {node.target} {tuple(v.shape)}")
+        return best
+
+    def assert_none_of(self, numel: int) -> None:
+        """No tensor of `numel` (e.g. N x V logits) or more elements in any captured forward or backward graph."""
+        assert {k for k, _ in self.graphs} >= {"forward"}, "no graph captured"
+        n, where = self.largest()
+        assert n < numel, f"a tensor of {n} >= {numel} elements exists: {where}"
+
+
+def _hint(n) -> int:
+    if isinstance(n, torch.SymInt):
+        return int(n.node.hint)
+    return int(n)
+
+
+@contextlib.contextmanager
+def capture_aot_graphs():
+    """Capture AOTAutograd's partitioned forward and backward graphs of every liger compile in the block. The
+    autograd cache is off inside (a hit would skip the inner compiler, so nothing would be seen)."""
+    import liger_fx.backend
+    from torch._inductor.compile_fx import compile_fx_inner
+
+    seen = AotGraphs()
+    real = liger_fx.backend.compile_fx
+
+    def inner(gm, example_inputs, **kwargs):
+        seen.graphs.append(("backward" if kwargs.get("is_backward") else "forward", gm))
+        return compile_fx_inner(gm, example_inputs, **kwargs)
+
+    liger_fx.backend.compile_fx = lambda gm, ex, **kw: real(gm, ex, inner_compile=inner, **kw)
+    try:
+        with torch._functorch.config.patch(enable_autograd_cache=False):
+            yield seen
+    finally:
+        liger_fx.backend.compile_fx = real

@@ -6,6 +6,7 @@ from liger_fx.config import LigerConfig, split_options
 def test_defaults_are_ligers():
     c = LigerConfig()
     assert (c.rms_norm, c.rope, c.swiglu, c.geglu, c.fused_linear_cross_entropy) == (True,) * 5
+    assert c.fused_linear_logprobs is True and "fused_linear_logprobs" in LigerConfig.flag_names()
     assert c.cross_entropy is False
 
 

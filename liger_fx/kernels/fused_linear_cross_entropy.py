@@ -252,7 +252,12 @@ def fused_linear_cross_entropy(h, weight, target, bias=None, ignore_index: int =
     """cross_entropy(transform(linear(h, weight, bias).float()), target) without materializing the logits.
 
     h (..., H) is flattened to (N, H) and target to (N,). Returns the fp32 loss; gradients are computed only for the
-    inputs that require grad (under grad mode)."""
+    inputs that require grad (under grad mode). reduction="none" gives the per-token losses (target's shape, 0 where
+    ignored) from `kernels/fused_linear_logprobs.py`, whose backward takes a gradient per token."""
+    if reduction == "none":
+        from .fused_linear_logprobs import fused_linear_cross_entropy_none
+
+        return fused_linear_cross_entropy_none(h, weight, target, bias, ignore_index, softcap, logit_scale)
     return torch.ops.liger_fx.linear_cross_entropy(
         h, weight, bias, target, int(ignore_index), reduction, float(softcap), float(logit_scale)
     )

@@ -46,14 +46,18 @@ from torch._guards import detect_fake_mode
 from torch._inductor.pattern_matcher import stable_topological_sort
 
 from liger_fx.canonicalize import val as _val
+from liger_fx.patterns._row_chunks import merge_row_chunks
 from liger_fx.rewrite import Pattern, record_replacement, scalar_hint, specialize
 
 aten = torch.ops.aten
 FLCE, CE = "fused_linear_cross_entropy", "cross_entropy"
 
+# flatten(0, 1) is how PyTorch-native trainers flatten (B, T, V) logits for the loss (`.view(-1, V)` elsewhere).
 _VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.alias.default,
-          aten.contiguous.default, aten.clone.default}
-_REDUCTION = {1: "mean", 2: "sum"}
+          aten.contiguous.default, aten.clone.default, aten.flatten.using_ints}
+_REDUCTION = {0: "none", 1: "mean", 2: "sum"}
+# A temperature applied in place (`logits.div_(temperature)`, TRL's GRPO) is the same scale as `logits / t`.
+_SCALES = (aten.mul.Tensor, aten.div.Tensor, aten.mul_.Tensor, aten.div_.Tensor)
 
 
 def patterns() -> list[Pattern]:
@@ -79,12 +83,13 @@ class _Loss:
     reason: str | None = None  # why neither op can take this loss
     linear_reason: str | None = None  # why the fused linear op cannot (source is not a usable linear)
     symbolic: list = field(default_factory=list)  # float inputs of the graph folded into softcap/scale (dynamic=True)
+    nodes: list = field(default_factory=list)  # the chain walked, from the loss input back to the source
 
 
 def _tensor_arg(node: fx.Node) -> fx.Node:
     """The input the chain continues through: the first arg, or for `scalar * x` the second."""
     a = node.args[0]
-    return node.args[1] if _is(node, aten.mul.Tensor) and scalar_hint(a) is not None else a
+    return node.args[1] if _is(node, aten.mul.Tensor, aten.mul_.Tensor) and scalar_hint(a) is not None else a
 
 
 def _ce_args(ce: fx.Node) -> dict:
@@ -103,14 +108,14 @@ def _fold(chain: list[fx.Node]) -> tuple[float, float, str | None]:
             if capped:
                 return 0.0, 1.0, "two tanh between the lm_head and the loss"
             capped, post = True, pre  # tanh(a*x) = a * c * tanh(x / c) with c = 1/|a|
-        elif _is(node, aten.mul.Tensor, aten.div.Tensor):
+        elif _is(node, *_SCALES):
             # A constant, or a float input of the graph (dynamic=True makes Gemma2's final_logit_softcapping one),
             # pinned by a guard when the loss is replaced (`_Loss.symbolic`).
             a, b = scalar_hint(node.args[0]), scalar_hint(node.args[1])
             if (a is None) == (b is None):
                 return 0.0, 1.0, f"the logits are scaled by a tensor ({node.target}), not a constant"
             k = b if a is None else a
-            if _is(node, aten.div.Tensor):
+            if _is(node, aten.div.Tensor, aten.div_.Tensor):
                 if a is not None:
                     return 0.0, 1.0, "a constant divided by the logits"
                 k = 1.0 / k
@@ -132,7 +137,7 @@ def _args_reason(args: dict, xv, tv) -> str | None:
     if args.get("label_smoothing", 0.0) != 0.0:
         return f"label_smoothing={args['label_smoothing']} (the fused ops have none)"
     if args.get("reduction") not in _REDUCTION:
-        return "reduction='none' (per-token losses; the fused ops reduce)"
+        return f"reduction {args.get('reduction')!r} is not a constant"
     if not isinstance(args.get("ignore_index"), int):
         return "ignore_index is not a constant int"
     if xv.dim() != 2 or tv.dim() != 1:
@@ -150,9 +155,10 @@ def _walk(x: fx.Node, V, out: _Loss) -> str | None:
         if not isinstance(node, fx.Node):  # e.g. `c / logits`: the chain reached the constant, not the logits
             return "the logits are a divisor (a constant divided by them), which does not fold into a scale"
         out.shared |= len(node.users) > 1
+        out.nodes.append(node)
         if _is(node, *_VIEWS):
             v = _val(node.args[0])
-            if v is None or v.dim() == 0 or v.shape[-1] != V:
+            if v is None or v.dim() == 0 or v.shape[-1] != V or _val(node).shape[-1] != V:
                 return f"a {node.target} changes the vocabulary dim before the loss"
             if out.row_slices and tuple(v.shape) != tuple(_val(node).shape):
                 return "a reshape before a row slice of the logits"  # the slice's dims would not be h's
@@ -163,7 +169,7 @@ def _walk(x: fx.Node, V, out: _Loss) -> str | None:
         elif _is(node, aten.to.dtype):
             if node.args[1] != torch.float32:
                 return f"a cast to {node.args[1]} before the loss (the fused ops compute in fp32)"
-        elif _is(node, aten.mul.Tensor, aten.div.Tensor, aten.tanh.default):
+        elif _is(node, *_SCALES, aten.tanh.default):
             chain.append(node)
         else:
             break
@@ -185,6 +191,7 @@ def _analyze(ce: fx.Node) -> _Loss:
     if xv is None or tv is None:
         out.reason = "no shape information"
         return out
+    out.reduction = _REDUCTION.get(args.get("reduction"), "mean")
     chain_reason = _walk(x, xv.shape[-1], out)
     out.reason = _args_reason(args, xv, tv) or chain_reason
     if out.reason is None:
@@ -258,7 +265,18 @@ def _replace(graph: fx.Graph, ce: fx.Node, loss: _Loss, fused_linear: bool) -> s
     common = (loss.target, loss.ignore_index, loss.reduction, float(loss.softcap), float(loss.scale))
     returned = fused_linear and loss.shared
     bias = fused_linear and len(src.args) > 2 and src.args[2] is not None
-    if returned and not loss.row_slices:
+    if loss.reduction == "none":  # per-token losses: lse - z_t of the per-token op, 0 where ignored
+        h, w = src.args[0], src.args[1]
+        b = src.args[2] if len(src.args) > 2 else None
+        for sl in reversed(loss.row_slices):
+            h = _insert(graph, ce, aten.slice.Tensor, (h, *sl.args[1:]))
+        stats = _insert(graph, ce, torch.ops.liger_fx.linear_logprobs.default,
+                        (h, w, b, loss.target, loss.ignore_index, float(loss.softcap), float(loss.scale), False))
+        zt = _insert(graph, ce, operator.getitem, (stats, 0))
+        lse = _insert(graph, ce, operator.getitem, (stats, 1))
+        new = _insert(graph, ce, aten.sub.Tensor, (lse, zt))
+        new = _insert(graph, ce, aten.reshape.default, (new, [-1]))  # the (N,) of the loss, not h's (B, T)
+    elif returned and not loss.row_slices:
         h, w = src.args[0], src.args[1]
         b = src.args[2] if len(src.args) > 2 else None
         # logits_grad spelled out (True: the logits keep their gradient path; detach_returned_logits may set False):
@@ -287,6 +305,7 @@ def _replace(graph: fx.Graph, ce: fx.Node, loss: _Loss, fused_linear: bool) -> s
     graph.erase_node(ce)
     if returned and not loss.row_slices:
         graph.erase_node(src)
+        loss.nodes.remove(src)
         # Users of the logits that stood before the loss now read a node defined at the loss: move them after it.
         stable_topological_sort(graph)
     name = FLCE if fused_linear else CE
@@ -301,6 +320,8 @@ RETURNED = "/logits-returned"
 
 def rewrite(graph: fx.Graph, config) -> None:
     regions = None
+    if getattr(config, FLCE):  # a loop of per-chunk reduction='none' losses, joined: one loss again
+        merge_row_chunks(graph, _accept_chunked_loss)
     for ce in [n for n in graph.nodes if _is(n, aten.cross_entropy_loss.default)]:
         loss = _analyze(ce)
         if loss.reason is not None:
@@ -308,6 +329,11 @@ def rewrite(graph: fx.Graph, config) -> None:
         if loss.linear_reason is None:
             regions = regions or _autocast_regions(graph)
             loss.linear_reason = _region_reason(ce, loss.source, regions)
+        if loss.reduction == "none":  # only the per-token op takes it, and only with its lm_head
+            if getattr(config, FLCE) and loss.linear_reason is None and not loss.shared:
+                record_replacement(FLCE, _replace(graph, ce, loss, True), ce)
+                erase_dead_chain(graph, loss.nodes)
+            continue
         if getattr(config, FLCE) and loss.linear_reason is None:
             flag = FLCE
         elif getattr(config, CE):
@@ -316,6 +342,46 @@ def rewrite(graph: fx.Graph, config) -> None:
             continue
         name = _replace(graph, ce, loss, flag == FLCE)
         record_replacement(flag, name, ce)  # reads ce's module path from its metadata, kept after erasure
+        erase_dead_chain(graph, loss.nodes)
+
+
+def erase_dead_chain(graph: fx.Graph, nodes: list) -> None:
+    """Erase the walked chain (loss input back to the lm_head) where nothing uses it any more. Dead-code elimination
+    would keep an in-place temperature (`logits.div_(t)`: a mutation is never dead), and with it the linear: the
+    N x V logits would still be computed."""
+    for node in nodes:
+        if not getattr(node, "_erased", False) and not node.users and node.op == "call_function":
+            graph.erase_node(node)
+
+
+def logits_source(x: fx.Node) -> _Loss:
+    """What feeds `x` (a tensor whose last dim is the vocabulary) from an lm_head: the walk of a loss input, with
+    `reason` (the chain cannot fold), `linear_reason` (no usable linear) and `shared` (a node strictly between x and
+    the linear, or the linear, has another user; x's own users are the caller's to judge)."""
+    out = _Loss()
+    xv = _val(x)
+    if not isinstance(xv, torch.Tensor) or xv.dim() == 0:
+        out.reason = "no shape information"
+        return out
+    out.reason = _walk(x, xv.shape[-1], out)
+    out.shared = any(len(n.users) > 1 for n in out.nodes[1:])
+    if out.reason is None:
+        out.linear_reason = _linear_reason(out.source, xv.shape[-1])
+    return out
+
+
+def _accept_chunked_loss(sources, nodes) -> bool:
+    """Merge a chunked loop only where the merged loss will be fused: one per-token cross-entropy per chunk, on
+    chunks of lm_head logits nothing else reads."""
+    ces = [n for n in nodes if _is(n, aten.cross_entropy_loss.default)]
+    if len(ces) != 1 or not all(_is(n, aten.cross_entropy_loss.default, aten.to.dtype, *_SCALES) for n in nodes):
+        return False
+    src = next((x for x in sources if isinstance(_val(x), torch.Tensor) and _val(x).dim() == 2
+                and _val(x).is_floating_point()), None)
+    if src is None:
+        return False
+    found = logits_source(src)
+    return found.reason is None and found.linear_reason is None and not found.shared and len(src.users) == 1
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -327,7 +393,9 @@ def candidates(graph: fx.Graph) -> list[tuple[str, fx.Node]]:
     for ce in graph.nodes:
         if _is(ce, aten.cross_entropy_loss.default):
             loss = _analyze(ce)
-            out.append((FLCE if loss.source is not None and _is(loss.source, aten.linear.default) else CE, ce))
+            linear = loss.source is not None and _is(loss.source, aten.linear.default)
+            # Per-token losses have one fused form, with their lm_head: the cross_entropy flag is never their cause.
+            out.append((FLCE if linear or loss.reduction == "none" else CE, ce))
     return out
 
 
@@ -335,6 +403,12 @@ def explain(ce: fx.Node) -> str:
     loss = _analyze(ce)
     if loss.reason is None and loss.linear_reason is None:
         loss.linear_reason = _region_reason(ce, loss.source)
+    if loss.reason is None and loss.reduction == "none":
+        if loss.linear_reason is not None:
+            return f"reduction='none' (per-token losses) fuses only with its lm_head, and {loss.linear_reason}"
+        if loss.shared:
+            return ("reduction='none' on logits that are also used elsewhere (returned, or read by another op): the "
+                    "per-token op would compute them a second time beside the materialized ones")
     return loss.reason or loss.linear_reason or "the loss input has an unsupported form"
 
 

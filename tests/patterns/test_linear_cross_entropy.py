@@ -474,7 +474,6 @@ def test_lm_head_and_loss_in_different_autocast_regions_is_a_near_miss():
 @pytest.mark.parametrize("kwargs,reason", [
     ({"label_smoothing": 0.1}, "label_smoothing=0.1"),
     ({"weight": torch.rand(60)}, "class weight"),
-    ({"reduction": "none"}, "reduction='none'"),
 ])
 def test_unsupported_cross_entropy_is_a_near_miss_with_reason(kwargs, reason):
     torch.manual_seed(0)
@@ -590,3 +589,113 @@ def test_cross_entropy_flag_alone_on_a_model_with_returned_logits():
     ids, labels = batch(model.config.vocab_size, ignore=3)
     compare_training(model, ids, labels, options={FLCE: False, "cross_entropy": True})
     assert replaced(FLCE) == 0 and _patterns("cross_entropy") == ["cross_entropy/mean"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-token losses (reduction="none"), flatten(0, 1), and chunked losses: the same op as token log-probs
+
+
+def _per_token_masked(head, h, labels):  # per-token CE, times a mask, summed, divided by the mask's sum
+    mask = (labels != -100).float()
+    per_token = F.cross_entropy(head(h).flatten(0, 1).float(), labels.flatten(0, 1), reduction="none")
+    return (per_token * mask.flatten()).sum() / mask.sum()
+
+
+def _neg_ce_as_logprobs(head, h, labels):  # -CE(none) as log-probs, summed per sequence (DPO's form)
+    logp = -F.cross_entropy(head(h).reshape(-1, 60), labels.reshape(-1), reduction="none")
+    return logp.view(labels.shape).sum(-1).mean()
+
+
+def _flatten_sum(head, h, labels):  # PyTorch-native trainers: flatten(0, 1), sum / n_tokens
+    pred = head(h)
+    return F.cross_entropy(pred.flatten(0, 1).float(), labels.flatten(0, 1), reduction="sum") / 11
+
+
+def _chunked(head, h, labels):  # reshape(-1, V).split(128), a per-chunk 'none' loss, cat, sum / n_valid
+    logits, flat = head(h).reshape(-1, 60), labels.reshape(-1)
+    losses = [F.cross_entropy(lc.float(), tc, reduction="none") for lc, tc in zip(logits.split(8), flat.split(8))]
+    return torch.cat(losses).sum() / (flat != -100).sum()
+
+
+PER_TOKEN = {  # id -> (loss fn, pattern)
+    "none-masked-mean": (_per_token_masked, FLCE + "/none/bias"),
+    "none-as-logprobs": (_neg_ce_as_logprobs, FLCE + "/none/bias"),
+    "flatten-sum": (_flatten_sum, FLCE + "/sum/bias"),
+    "chunked-none": (_chunked, FLCE + "/none/bias"),
+}
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "no_grad"])
+@pytest.mark.parametrize("name", sorted(PER_TOKEN))
+def test_per_token_and_chunked_losses_fuse_static_and_dynamic(name, train):
+    """Two sequence lengths (a static compile, then a symbolic one): fused each time under the loss flag, values and
+    every gradient equal eager, and no N x V tensor in the compiled forward or backward graph."""
+    from tests.helpers import capture_aot_graphs
+
+    fn_loss, pattern = PER_TOKEN[name]
+    torch.manual_seed(0)
+    head = nn.Linear(32, 60)
+    fn = torch.compile(lambda h, labels: fn_loss(head, h, labels), backend="liger")
+    with capture_aot_graphs() as graphs:
+        for T in (20, 28):  # chunks of 8 over 40 and 56 rows; 40 x 60 logits exceed the weight (60 x 32)
+            h = torch.randn(2, T, 32, requires_grad=train)
+            labels = torch.randint(0, 60, (2, T))
+            labels[:, :3] = -100
+            with torch.set_grad_enabled(train):
+                ref = fn_loss(head, h, labels)
+                out = fn(h, labels)
+            torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+            if train:
+                params = (h, head.weight, head.bias)
+                for g, r in zip(torch.autograd.grad(out, params), torch.autograd.grad(ref, params)):
+                    torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-5)
+    assert replaced(FLCE) == 2 and _patterns() == [pattern] * 2 and not _misses(), [
+        r.summary() for r in liger_fx.get_records()]
+    graphs.assert_none_of(2 * 20 * 60)
+
+
+def test_per_token_loss_bf16_within_torch_error():
+    """bf16 head, per-token losses without an upcast (bf16 out, as torch gives) and with one."""
+    torch.manual_seed(0)
+    head32 = nn.Linear(32, 60)
+    head = nn.Linear(32, 60).to(torch.bfloat16)
+    head.load_state_dict({k: v.to(torch.bfloat16) for k, v in head32.state_dict().items()})
+    head32.load_state_dict({k: v.float() for k, v in head.state_dict().items()})
+    h = torch.randn(3, 7, 32).to(torch.bfloat16)
+    labels = torch.randint(0, 60, (3, 7))
+    labels[0, :2] = -100
+
+    def fn(head, h, labels):
+        return F.cross_entropy(head(h).view(-1, 60), labels.view(-1), reduction="none")
+
+    ref, same = fn(head32, h.float(), labels), fn(head, h, labels)
+    out = torch.compile(lambda h, labels: fn(head, h, labels), backend="liger")(h, labels)
+    assert replaced(FLCE) == 1 and out.dtype == torch.bfloat16
+    assert_close_rule(out, ref, same, atol=1e-6, name="per-token loss")
+
+
+def test_per_token_loss_on_returned_logits_is_a_near_miss_with_the_true_reason():
+    torch.manual_seed(0)
+    head = nn.Linear(32, 60)
+    h, labels = torch.randn(10, 32), torch.randint(0, 60, (10,))
+
+    def fn(h):
+        logits = head(h)
+        return F.cross_entropy(logits, labels, reduction="none"), logits
+
+    torch.testing.assert_close(torch.compile(fn, backend="liger")(h)[0], fn(h)[0], atol=1e-6, rtol=1e-5)
+    (miss,) = _misses()
+    assert miss.flag == FLCE and "also used elsewhere" in miss.reason, miss.reason
+
+
+def test_per_token_loss_without_a_linear_names_the_cause_not_the_cross_entropy_flag():
+    torch.manual_seed(0)
+    emb = torch.randn(2, 32, 60)
+    h, labels = torch.randn(2, 6, 32), torch.randint(0, 60, (2, 6))
+
+    def fn(h):
+        return F.cross_entropy(torch.bmm(h, emb).view(-1, 60), labels.view(-1), reduction="none").sum()
+
+    torch.testing.assert_close(torch.compile(fn, backend="liger")(h), fn(h), atol=1e-5, rtol=1e-5)
+    (miss,) = _misses()
+    assert miss.flag == FLCE and "fuses only with its lm_head" in miss.reason and "not a linear" in miss.reason, miss
