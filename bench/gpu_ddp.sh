@@ -5,7 +5,7 @@
 #   NPROC=1 bash bench/gpu_ddp.sh      # one GPU (carry [".whl"] for the liger-kernel row)
 #   NPROC=2 bash bench/gpu_ddp.sh      # two GPUs: the same runs, then the loss check below
 #
-# Runs (RUNS, each wrap:backend[:entry]; default all of them):
+# Runs (RUNS, each wrap:backend[:entry]; default all of them; RUNS=none for the loss check alone):
 #   fsdp2:liger          torch.compile(model, backend="liger") with fully_shard per layer (the plain path)
 #   fsdp2:inductor       torch.compile(model), the same wrapping
 #   fsdp2:liger_kernel   liger-kernel's monkeypatch, eager (needs the carried wheel)
@@ -58,6 +58,7 @@ run() {  # run NAME NPROC ARGS...: one torchrun, its log and JSON in $OUT
 
 NAMES=()
 for spec in ${RUNS:-fsdp2:liger fsdp2:inductor fsdp2:liger_kernel fsdp2:liger:apply ddp:liger ddp:inductor}; do
+  [ "$spec" = none ] && continue  # RUNS=none LOSSES=1: the loss check alone
   IFS=: read -r wrap backend entry <<<"$spec"
   name="x${NPROC}_${wrap}_${backend}${entry:+_$entry}${TAG:-}"
   NAMES+=("$name")
