@@ -15,14 +15,18 @@ What torch.compile does with each wrapper (checked on torch 2.13, gloo):
   loss. Inside those graphs every parameter, lm_head's included, is the all-gathered plain tensor (a full-shape
   FakeTensor placeholder, never a DTensor): the patterns see what they see without FSDP.
 - DDP: Dynamo's DDPOptimizer splits the graph at gradient-bucket boundaries, which cut every SwiGLU at Llama-3.2-1B
-  proportions. Each step here runs inside `liger_fx.distributed.split_after_rewrite()`: the backend gets the whole
-  graph, rewrites it, then cuts it at the same buckets, so every site fuses and each bucket's all-reduce still
-  overlaps the backward (liger_fx/distributed.py). `liger_fx.apply(model)` before wrapping does the same by itself.
-Under FSDP2 the causal mask transformers builds (5.17 materializes it under compile) is an output of one graph and
-an input of every layer's: no graph shows the backend how it was made, so `causal_sdpa` cannot prove it causal and
-SDPA runs with the mask (H200, Llama-3.2-1B shape, B8 T2048: 55.0k tok/s, Inductor's 55.4k). `--entry apply` trains
-through `liger_fx.apply(model)`, whose forward lets transformers skip the mask for an unpadded, unpacked step (as
-eager transformers does), so every layer's SDPA is causal without a mask.
+  proportions. The plain `torch.compile(DDP(model), backend="liger")` here needs nothing more: DDPOptimizer hands
+  liger's backend the whole graph, which it rewrites and then cuts at the same buckets, so every site fuses and each
+  bucket's all-reduce still overlaps the backward (liger_fx/distributed.py). `liger_fx.apply(model)` does the same.
+Under FSDP2 the causal mask transformers builds under compile is an output of one graph and an input of every
+layer's. The graph that builds it marks it causal (proven, or compared with the triangle as it runs) and the layer
+graphs run SDPA causal on a marked mask, under a Dynamo guard (liger_fx/causal_mask.py); before, SDPA ran with the
+mask there (H200, Llama-3.2-1B shape, B8 T2048: 55.0k tok/s, Inductor's 55.4k). `--entry apply` trains through
+`liger_fx.apply(model)`, whose forward lets transformers skip the mask for an unpadded, unpacked step (as eager
+transformers does). `--entry blocks` compiles each decoder block on its own and runs the rest eagerly, where
+transformers builds no mask for such a step.
+`--compiled-autograd` compiles the whole step (forward and `loss.backward()`), so that compiled autograd captures the
+backward; under `--wrap ddp` with DDP's `optimize_ddp="python_reducer"`.
 `use_cache=False`: with a KV cache each layer's graph uses its `layer_idx`, a constant Dynamo specializes on, so every
 layer compiles its own graph and past 8 layers (Dynamo's recompile limit) the rest run uncompiled.
 """
@@ -58,10 +62,16 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
                    help="bf16: FSDP2 gathers bf16 params and reduces grads in fp32; ddp/none train in bf16")
     p.add_argument("--wrap", default="fsdp2", choices=["fsdp2", "ddp", "none"])
-    p.add_argument("--backend", default="liger", choices=["liger", "inductor", "eager"])
-    p.add_argument("--entry", default="compile", choices=["compile", "apply"],
-                   help="liger through torch.compile(model, backend='liger') (default) or liger_fx.apply(model), "
-                        "which also lets SDPA skip the causal mask (see the module docstring)")
+    p.add_argument("--backend", default="liger", choices=["liger", "inductor", "eager", "liger_kernel"],
+                   help="liger_kernel: liger-kernel's monkeypatch, eager (CUDA only)")
+    p.add_argument("--entry", default="compile", choices=["compile", "apply", "blocks"],
+                   help="compile: torch.compile(model) (DDP's wrapper included) with the backend (default); apply: "
+                        "liger_fx.apply(model), which also lets SDPA skip the causal mask (see the module docstring); "
+                        "blocks: each decoder block compiled on its own (block.compile(backend=...), as "
+                        "PyTorch-native trainers do under FSDP2), the rest eager")
+    p.add_argument("--compiled-autograd", action="store_true",
+                   help="torch._dynamo.config.compiled_autograd=True (the backward is captured and compiled by the "
+                        "same backend); under --wrap ddp also optimize_ddp='python_reducer', set before DDP is built")
     p.add_argument("--options", default="{}", help='liger flags as JSON, e.g. \'{"rope": false}\'')
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
     p.add_argument("--lr", type=float, default=1e-3)
@@ -166,31 +176,69 @@ def inspecting_liger(gm, example_inputs, **kwargs):
     return liger_backend(gm, example_inputs, **kwargs)
 
 
+def _ensure_liger_backend() -> None:
+    """`backend="liger"` resolves through the package's entry point once liger-fx is installed; from a bare source
+    checkout (PYTHONPATH) there is none: register the same function under the name."""
+    from torch._dynamo.backends.registry import lookup_backend, register_backend
+
+    from liger_fx.backend import liger_backend
+
+    try:
+        lookup_backend("liger")
+    except Exception:
+        register_backend(liger_backend, name="liger")
+
+
 def train(args) -> dict:
     """Run the loop; returns (on every rank) the global losses, timings and every rank's rewrite record."""
-    import contextlib
 
     import liger_fx
-    import liger_fx.distributed
+
     from torch._dynamo.utils import counters
 
     rank, world, device = setup(args)
+    if args.backend == "liger":
+        _ensure_liger_backend()
     if args.batch % world:
         raise ValueError(f"--batch {args.batch} does not split over {world} ranks")
-    model = wrap(build_model(args, device), args)
     if args.no_ddp_split:
         torch._dynamo.config.optimize_ddp = False
-    if args.backend == "liger" and args.entry == "apply":
-        step_fn = liger_fx.apply(model, **json.loads(args.options))
-    elif args.backend == "liger":
-        step_fn = torch.compile(model, backend=inspecting_liger, options=json.loads(args.options))
-    elif args.backend == "inductor":
-        step_fn = torch.compile(model)
+    if args.compiled_autograd:
+        torch._dynamo.config.compiled_autograd = True
+        if args.wrap == "ddp":  # DDP reads the mode once, in its constructor
+            torch._dynamo.config.optimize_ddp = "python_reducer"
+    model = build_model(args, device)
+    if args.backend == "liger_kernel":
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+        MODEL_TYPE_TO_APPLY_LIGER_FN[model.config.model_type](model=model)
+    if args.entry == "blocks" and args.backend in ("liger", "inductor"):
+        # torchtitan's order: compile each block, then shard it. nn.Module.compile keeps the parameter names.
+        kwargs = {"backend": "liger", "options": json.loads(args.options)} if args.backend == "liger" else {}
+        for layer in model.model.layers:
+            layer.compile(**kwargs)
+    model = wrap(model, args)
+    # Under FSDP2 the liger backend is wrapped to note what each graph receives; elsewhere it is "liger", as users
+    # write it (DDP's DDPOptimizer recognizes the liger backend by what torch.compile resolves it to).
+    compile_kwargs = {"backend": inspecting_liger if args.wrap == "fsdp2" else "liger",
+                      "options": json.loads(args.options)} if args.backend == "liger" else {}
+    if args.entry == "blocks" or args.backend in ("eager", "liger_kernel"):
+        model_fn = model
+    elif args.backend == "liger" and args.entry == "apply":
+        model_fn = liger_fx.apply(model, **json.loads(args.options))
+    elif args.compiled_autograd:
+        model_fn = model  # the whole step is compiled below: compiled autograd captures the backward it runs
     else:
-        step_fn = model
-    # Under DDP, the liger backend gets the whole graph and cuts it at DDP's buckets after the rewrite (a no-op with
-    # --no-ddp-split, and outside DDP).
-    scope = liger_fx.distributed.split_after_rewrite if args.backend == "liger" else contextlib.nullcontext
+        model_fn = torch.compile(model, **compile_kwargs)
+
+    def forward_backward(ids):
+        loss = model_fn(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        return loss
+
+    step_fn = forward_backward
+    if args.compiled_autograd and args.entry == "compile" and args.backend in ("liger", "inductor"):
+        step_fn = torch.compile(forward_backward, **compile_kwargs)
     opt_cls = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.SGD
     opt = opt_cls(model.parameters(), lr=args.lr)
 
@@ -201,9 +249,7 @@ def train(args) -> dict:
         t0 = time.perf_counter()
         # Every rank holds the same number of label tokens (no padding), so the mean of the ranks' mean losses is
         # the global batch's mean loss, and DDP's/FSDP2's gradient average is the gradient of that loss.
-        with scope():
-            loss = step_fn(input_ids=ids, labels=ids, use_cache=False).loss
-        loss.backward()
+        loss = step_fn(ids)
         opt.step()
         opt.zero_grad(set_to_none=True)
         loss = loss.detach().float()
@@ -222,7 +268,8 @@ def train(args) -> dict:
         "counters": dict(counters["liger_fx"]),
         "graph_inputs": GRAPH_INPUTS,
         "records": [
-            {"summary": r.summary(), "fallback": r.fallback, "ddp_buckets": r.ddp_buckets,
+            {"summary": r.summary(), "kind": r.kind, "fallback": r.fallback, "ddp_buckets": r.ddp_buckets,
+             "causal_sdpa": len(r.causal_sdpa),
              "replaced": [vars(x) for x in r.replaced], "misses": [vars(m) for m in r.misses]}
             for r in liger_fx.get_records()
         ],
@@ -245,8 +292,9 @@ def train(args) -> dict:
     if rank == 0:
         for r in ranks:
             print(f"rank {r['rank']}: replaced {r['counters'] or 'nothing'}")
-            for rec, inputs in zip(r["records"], r["graph_inputs"]):
-                print("   ", rec["summary"], "| inputs:", ", ".join(f"{k} {v}" for k, v in inputs.items()))
+            for i, rec in enumerate(r["records"]):
+                inputs = r["graph_inputs"][i] if i < len(r["graph_inputs"]) else {}
+                print("   ", rec["summary"], "| inputs:" if inputs else "", ", ".join(f"{k} {v}" for k, v in inputs.items()))
         rate = f"{result['tokens_per_s']:.0f} tokens/s over steps {len(times) - len(steady)}-{len(times) - 1}"
         peak = f", peak {result['peak_gib']:.2f} GiB" if result["peak_gib"] is not None else ""
         print(f"{args.wrap} x{world} on {device}, backend {args.backend}: {rate}{peak}", flush=True)

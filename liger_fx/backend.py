@@ -14,12 +14,15 @@ Dynamo hands us its FX graph and example inputs. We
   3. take logits that are returned beside a fused loss out of the graph's autograd, with the lm_head's inputs as
      extra outputs (linear_cross_entropy.detach_returned_logits): autograd would otherwise make them a zeros
      gradient of N x V at the step's peak,
-  4. hand the result to Inductor (compile_fx), which does AOTAutograd and fuses everything else; under DDP, when
-     DDP's whole graph was handed to us (distributed.split_after_rewrite), first cut it at DDP's gradient buckets,
+  4. hand the result to Inductor (compile_fx), which does AOTAutograd and fuses everything else; under DDP, where
+     DDP's whole graph was handed to us (distributed.install_ddp_hook, split_after_rewrite), first cut it at DDP's
+     gradient buckets,
   5. call it through a wrapper that re-attaches the returned logits' gradient (reattach_logits_grad) and drops the
-     extra outputs.
+     extra outputs; and that marks the causal masks it returns for the graphs that read them, where a graph break
+     separates them (FSDP2's layers), and checks the marks of those it reads (causal_mask.MaskPlan).
 If 1-3 raise, or 4 raises on the rewritten graph, we log one warning and compile Dynamo's untouched graph: a model
-that compiles with Inductor never fails with liger.
+that compiles with Inductor never fails with liger. A backward graph (compiled autograd hands the backend the step's
+backward too) goes to Inductor as it is: our ops' backward formulas are in it already, and no pattern is a backward.
 """
 
 from __future__ import annotations
@@ -70,7 +73,9 @@ def rewrite_graph(gm: fx.GraphModule, example_inputs, config: LigerConfig, recor
     """Steps 1 and 2: canonical ATen, then every pattern family. Returns a new GraphModule."""
     traced = to_aten(gm, example_inputs)
     if config.causal_sdpa:
-        record.causal_sdpa = [where(n) for n in causal_mask.causal_sdpa(traced.graph)]
+        relied, unmarked = [], []  # mask inputs taken as causal on an earlier graph's mark, or without one
+        record.causal_sdpa = [where(n) for n in causal_mask.causal_sdpa(traced.graph, relied, unmarked)]
+        causal_mask.note_mask_inputs(traced, relied, unmarked)  # for MaskPlan: guards and the check at each call
     if config.grouped_sdpa:
         record.grouped_sdpa = [where(n) for n in grouped_sdpa.grouped_sdpa(traced.graph)]
     before = _op_counts(traced) if log.isEnabledFor(logging.DEBUG) else None
@@ -111,29 +116,42 @@ def liger_backend(gm: fx.GraphModule, example_inputs, options: dict | None = Non
     patches = {**_mode_patches(mode), **inductor_options}
     record = rewrite.GraphRecord(next(_graph_index))
     rewrite.RECORDS.append(record)
-    ddp_module = distributed.owned_ddp_module()  # DDP's whole graph, ours to cut after the rewrite (or None)
-    if ddp_module is not None:
+    if distributed.is_backward_graph():  # compiled autograd's capture of a backward: nothing of ours to find
+        record.kind = "backward"
+        try:
+            compiled = compile_fx(gm, example_inputs, config_patches=patches or None)
+        except Exception as e:
+            _discard(record, e)
+            raise
+        _commit(record)
+        return compiled
+    ddp_caps = distributed.owned_split()  # DDP's whole graph, ours to cut after the rewrite (or None)
+    if ddp_caps is not None:
         config = distributed.ddp_config(config)
     returned: list[linear_cross_entropy.ReturnedLogits] = []
+    masks = None
     try:
         with dynamo_timed("liger_fx.rewrite_graph"):  # in torch._dynamo.utils.compile_times(), beside Inductor's
             compiled_gm = rewrite_graph(gm, example_inputs, config, record)
         distributed.note_bucket_cuts(gm, compiled_gm, record)  # a DDP bucket: say which misses its boundary explains
-        if ddp_module is not None:
+        if ddp_caps is not None:
             distributed.carry_dynamo_meta(gm, compiled_gm)  # what DDPOptimizer reads from Dynamo's graph
         else:  # (under DDP the bucket cut would have to carry the extra outputs across submodules: not done)
             returned = linear_cross_entropy.detach_returned_logits(compiled_gm.graph)
             if returned:
-                compiled_gm.recompile()
                 record.logits_grad_outside = sum(len(r.positions) for r in returned)
+        if config.causal_sdpa:  # causal masks this graph returns: marked for the graphs that read them
+            masks = causal_mask.MaskPlan(compiled_gm, gm, checks=ddp_caps is None)
+            record.causal_masks_out, record.causal_masks_checked = len(masks.proven), len(masks.checked)
+        compiled_gm.recompile()
     except Exception as e:  # the fallback is the product's promise: never worse than Inductor
         _fall_back(record, "rewrite", e)
-        compiled_gm, returned = gm, []
+        compiled_gm, returned, masks = gm, [], None
     compile_one = functools.partial(compile_fx, config_patches=patches or None)
 
     def compile_graph(graph: fx.GraphModule):
-        if ddp_module is not None:  # cut now, at DDP's buckets: no boundary can fall inside a fused op
-            return distributed.compile_in_buckets(graph, example_inputs, ddp_module, compile_one, record)
+        if ddp_caps is not None:  # cut now, at DDP's buckets: no boundary can fall inside a fused op
+            return distributed.compile_in_buckets(graph, example_inputs, ddp_caps, compile_one, record)
         return compile_one(graph, example_inputs)
 
     try:
@@ -149,6 +167,8 @@ def liger_backend(gm: fx.GraphModule, example_inputs, options: dict | None = Non
             except Exception as e:
                 _fall_back(record, "compiling the rewrite", e)
             else:
+                if masks is not None:
+                    compiled = masks.wrap(compiled, record)
                 _commit(record)
                 return _with_logits_grad(compiled, returned)
         compiled = compile_graph(gm)
@@ -168,6 +188,8 @@ def _with_logits_grad(compiled: Callable, returned: list) -> Callable:
 
     def run(*args):
         outs = compiled(*args)
+        if len(outs) <= n_out:  # Dynamo's own graph ran (a stale causal mark: causal_mask.MaskPlan), its logits whole
+            return outs
         mine = list(outs[:n_out])
         for r in returned:
             h, w = outs[r.extra[0]], outs[r.extra[1]]
@@ -191,6 +213,7 @@ def _fall_back(record: rewrite.GraphRecord, step: str, e: Exception) -> None:
     record.replaced.clear()
     record.misses.clear()
     record.causal_sdpa = []
+    record.causal_masks_out = record.causal_masks_checked = record.causal_from_marks = 0
     record.fused_projections = []
     record.grouped_sdpa = []
     record.swiglu_linear = []
@@ -224,3 +247,8 @@ def _commit(record: rewrite.GraphRecord) -> None:
     if record.swiglu_linear:
         counters["liger_fx"]["swiglu_linear"] += len(record.swiglu_linear)
     log.info(record.summary())
+
+
+# Inside DDP's forward, Dynamo hands the whole graph to DDPOptimizer before any backend runs; torch.compile looking
+# this backend up (this import) is the one moment we can have its DDPOptimizer pass liger's graphs on whole.
+distributed.install_ddp_hook()

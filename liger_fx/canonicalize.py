@@ -27,6 +27,8 @@ aten = torch.ops.aten
 
 def to_aten(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
     """Retrace a Dynamo graph to canonical pre-dispatch ATen; node metadata (module path, stack trace) survives."""
+    from .causal_mask import is_marked
+
     fake_mode = detect_fake_mode(example_inputs)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     args = []
@@ -43,11 +45,18 @@ def to_aten(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
         traced = make_fx(fx.Interpreter(gm).run, pre_dispatch=True)(*args)
     # The traced values drop requires_grad; keep it on the inputs, so a guard can tell a learned tensor from a buffer.
     # Also Dynamo's name of the input (e.g. "L['kwargs']['shift_labels']"): make_fx renames placeholders arg<i>_1.
-    for node, value, orig in zip((n for n in traced.graph.nodes if n.op == "placeholder"), args, placeholders):
+    for node, value, orig, real in zip((n for n in traced.graph.nodes if n.op == "placeholder"), args, placeholders,
+                                       example_inputs):
         node.meta["requires_grad"] = bool(getattr(value, "requires_grad", False))
         source = getattr(orig.meta.get("grapharg"), "source", None)
         name = getattr(source, "name", orig.name)  # a property on torch 2.13, a method on older torch
         node.meta["source_name"] = name() if callable(name) else str(name)
+        # What a guard on this input needs (causal_mask.MaskPlan); and whether it is a causal mask an earlier graph
+        # handed on, relied on only where Dynamo can be asked to guard on its mark.
+        if source is not None and torch._guards.TracingContext.try_get() is not None:
+            node.meta["dynamo_source"] = source
+            if is_marked(real):
+                node.meta["causal_mask_marked"] = True
     canonicalize(traced.graph)
     traced.recompile()
     return traced

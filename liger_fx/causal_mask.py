@@ -29,13 +29,18 @@ are a graph input: nothing can be proven about them and the mask stays.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .canonicalize import val as _val
 
 aten = torch.ops.aten
+log = logging.getLogger("liger_fx")
 
 _ARANGES = (aten.arange.default, aten.arange.start, aten.arange.start_step)
 _UNSQUEEZES = (aten.unsqueeze.default, aten.view.default, aten.reshape.default, aten._unsafe_view.default)
@@ -101,11 +106,14 @@ def _index(node: fx.Node):
 
 
 def _strip_leading(mask: fx.Node) -> fx.Node:
-    """Skip expand / unsqueeze-at-a-leading-dim between the (L, S) mask and SDPA: they do not move the last two dims."""
+    """Skip expand / unsqueeze-at-a-leading-dim between the (L, S) mask and SDPA, and slices that keep everything
+    (transformers' `mask[:, :, :, :S]` with S the mask's own length): they do not move the last two dims."""
     while isinstance(mask, fx.Node) and mask.op == "call_function":
         if mask.target is aten.expand.default:
             mask = mask.args[0]
         elif mask.target is aten.unsqueeze.default and mask.args[1] <= -3:
+            mask = mask.args[0]
+        elif _full_slice(mask) or mask.target is aten.alias.default:
             mask = mask.args[0]
         else:
             break
@@ -223,9 +231,14 @@ def causal_extent(mask: fx.Node):
 
 def _triangle(mask) -> tuple | None:
     """(L, S) if `mask` (one factor) is the causal triangle itself."""
-    if not isinstance(mask, fx.Node) or mask.op != "call_function" or getattr(_val(mask), "dtype", None) != torch.bool:
+    if not isinstance(mask, fx.Node) or getattr(_val(mask), "dtype", None) != torch.bool:
         return None
     mask = _strip_leading(mask)
+    if _marked_input(mask):
+        shape = _val(mask).shape
+        return shape[-2], shape[-1]
+    if mask.op != "call_function":
+        return None
     if mask.target is aten.to.dtype:
         mask = mask.args[0]  # tril(ones(float)).bool(): the cast to bool was checked above
     if mask.target is aten.tril.default:
@@ -256,9 +269,11 @@ def sdpa_calls(graph: fx.Graph):
             yield node, args, kwargs, (args[3] if len(args) > 3 else kwargs.get("attn_mask"))
 
 
-def causal_sdpa(graph: fx.Graph) -> list[fx.Node]:
+def causal_sdpa(graph: fx.Graph, relied: list | None = None, unmarked: list | None = None) -> list[fx.Node]:
     """Rewrite every SDPA whose boolean mask is the causal triangle over equal query and key lengths to
-    `is_causal=True` with no mask. Returns the rewritten SDPA nodes."""
+    `is_causal=True` with no mask. Returns the rewritten SDPA nodes. Appends to `relied` the graph inputs taken as
+    causal because an earlier graph marked them, and to `unmarked` the bool mask inputs that would have been, had
+    they carried a mark (their callers guard on the mark, present or absent: see MaskPlan)."""
     done = []
     for node, args, kwargs, mask in sdpa_calls(graph):
         is_causal = args[5] if len(args) > 5 else kwargs.get("is_causal", False)
@@ -266,11 +281,19 @@ def causal_sdpa(graph: fx.Graph) -> list[fx.Node]:
             continue
         extent = causal_extent(mask)
         q, k = _val(args[0]), _val(args[1])
-        if extent is None or q is None or k is None:
+        if q is None or k is None:
+            continue
+        if extent is None:
+            base = _strip_leading(mask)
+            if (unmarked is not None and base.op == "placeholder" and "dynamo_source" in base.meta
+                    and _same(q.shape[-2], k.shape[-2]) and base not in unmarked):
+                unmarked.append(base)
             continue
         L, S = extent
         if not (_same(L, S) and _same(q.shape[-2], L) and _same(k.shape[-2], S)):
             continue
+        if relied is not None:
+            relied.extend(p for p in marked_inputs(mask) if p not in relied)
         dropout = args[4] if len(args) > 4 else kwargs.pop("dropout_p", 0.0)
         kwargs.pop("attn_mask", None)
         kwargs.pop("is_causal", None)
@@ -280,3 +303,193 @@ def causal_sdpa(graph: fx.Graph) -> list[fx.Node]:
     if done:
         graph.eliminate_dead_code()
     return done
+
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Masks that cross graphs.
+#
+# Where a graph break falls between the code that builds the mask and the attention (FSDP2 breaks the graph at every
+# fully_shard layer; a user's block-by-block compile; any graph break), the mask reaches each layer's graph as an
+# input, and nothing about an input can be proven from its graph: every layer would run the masked kernel (the
+# FSDP2 plain path on the H200: 0.99x Inductor, from 1.13x through liger_fx.apply, which avoids the mask). So the
+# graph that builds the mask states the fact on the tensor it returns, and the graphs that read it rely on it only
+# under a guard:
+#   1. builder: an output that is provably the causal triangle (causal_extent) is marked when the graph returns it
+#      (`mark`: an attribute on that tensor object holding its version counter). An output that has a causal-looking
+#      factor (a <= / >= comparison, tril) but no proof, e.g. transformers' mask built from position ids that an
+#      eager part of the model made, is compared with the triangle inside the same graph (`triangle_check`, one
+#      reduction fused by Inductor), and marked when that says True: one host sync where it runs, once a step.
+#   2. reader: an SDPA whose mask is a marked input (through expands and full slices) is a causal SDPA like any
+#      other (`_triangle`). The backend adds a Dynamo guard that the input carries the mark (a tensor without it,
+#      e.g. a padded evaluation batch's mask, recompiles the graph, which then keeps its mask), and checks at every
+#      call that the mark is current (`is_marked`: an in-place write since the marking bumps the version counter);
+#      a stale one runs Dynamo's own graph instead, with its mask.
+# A mark is never set on what was not proven or checked, and a view or copy of a marked tensor is a new object
+# without it: padding, sliding windows, packed documents keep their masks (tests/test_causal_mask.py).
+
+MARK = "_liger_fx_causal_mask"
+"""The attribute `mark` sets on a mask tensor."""
+
+
+class CausalMark:
+    """The tensor carrying this is the causal triangle (True where key index <= query index) over its last two dims,
+    for every leading index, as of its version counter `version`."""
+
+    __slots__ = ("version",)
+
+    def __init__(self, version: int):
+        self.version = version
+
+
+def mark(t) -> None:
+    """State on `t` (a bool tensor a compiled graph returns) that it is the causal triangle."""
+    try:
+        setattr(t, MARK, CausalMark(t._version))
+    except (AttributeError, RuntimeError):  # an inference-mode tensor has no version counter: no mark, no rewrite
+        pass
+
+
+def is_marked(t) -> bool:
+    """Whether `t` carries a current mark: not written in place since it was marked."""
+    m = getattr(t, MARK, None) if isinstance(t, torch.Tensor) else None
+    if type(m) is not CausalMark or t.dtype != torch.bool or t.dim() < 2:
+        return False
+    try:
+        return m.version == t._version
+    except RuntimeError:
+        return False
+
+
+def _marked_input(node) -> bool:
+    return isinstance(node, fx.Node) and node.op == "placeholder" and node.meta.get("causal_mask_marked", False)
+
+
+def note_mask_inputs(gm: fx.GraphModule, relied: list, unmarked: list) -> None:
+    """Keep, on the traced graph module, (input index, Dynamo source) of the mask inputs relied on as marked and of
+    those read unmarked, for MaskPlan."""
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    gm.liger_marked_inputs = [(inputs.index(p), p.meta["dynamo_source"]) for p in relied]
+    gm.liger_unmarked_inputs = [(inputs.index(p), p.meta["dynamo_source"]) for p in unmarked]
+
+
+def marked_inputs(mask: fx.Node) -> list[fx.Node]:
+    """The marked graph inputs among the factors of `mask`."""
+    return [t for t in (_strip_leading(x) for x in _and_terms(mask)) if _marked_input(t)]
+
+
+def triangle_check(mask: torch.Tensor) -> torch.Tensor:
+    """True (0-d) where `mask` equals the causal triangle over its last two dims at every leading index. Called inside
+    the graph (AOTAutograd traces it), so its cost is one fused reduction over the mask, read once."""
+    q = torch.arange(mask.shape[-2], device=mask.device).unsqueeze(-1)
+    kv = torch.arange(mask.shape[-1], device=mask.device)
+    return torch.eq(mask, kv <= q).all()
+
+
+_CAUSAL_LOOKING = (aten.le.Tensor, aten.ge.Tensor, aten.tril.default)
+
+
+def _causal_looking(mask: fx.Node) -> bool:
+    """A factor that compares indices or takes a lower triangle: worth a check at run time."""
+    for t in _and_terms(mask):
+        t = _strip_leading(t)
+        if isinstance(t, fx.Node) and t.op == "call_function" and t.target is aten.to.dtype:
+            t = t.args[0]
+        if isinstance(t, fx.Node) and t.op == "call_function" and t.target in _CAUSAL_LOOKING:
+            return True
+    return False
+
+
+def mask_outputs(graph: fx.Graph, checks: bool) -> tuple[list[int], list[tuple[int, int]]]:
+    """Which outputs of the graph are causal masks to mark when it returns them: (positions proven causal,
+    [(position, position of its check output)]). With `checks`, each causal-looking bool output without a proof gets
+    a `triangle_check` output appended after the others (the caller drops it)."""
+    out_node = graph.output_node()
+    outs = out_node.args[0]
+    if not isinstance(outs, (tuple, list)):
+        return [], []
+    proven, checked, extra = [], [], []
+    for i, o in enumerate(outs):
+        v = _val(o)
+        if not (isinstance(v, torch.Tensor) and v.dtype == torch.bool and v.dim() >= 2):
+            continue
+        if causal_extent(o) is not None:
+            proven.append(i)
+        elif checks and _causal_looking(o):
+            with graph.inserting_before(out_node):
+                check = graph.call_function(triangle_check, (o,))
+            with v.fake_mode if isinstance(v, FakeTensor) else contextlib.nullcontext():
+                check.meta["val"] = triangle_check(v)
+            checked.append((i, len(outs) + len(extra)))
+            extra.append(check)
+    if extra:
+        out_node.args = (type(outs)([*outs, *extra]),)
+    return proven, checked
+
+
+def guard_marks(sources) -> None:
+    """Have Dynamo guard the compiled frame on whether each input carries a mark, as it does now (`hasattr`, or
+    `not hasattr`): a graph that took a marked mask as causal is not reused for one without a mark, and one that kept
+    an unmarked mask is not reused for a marked one (which then compiles its causal graph once)."""
+    import functools
+    import inspect
+
+    from torch._dynamo.guards import GuardBuilder
+    from torch._dynamo.source import AttrSource
+    from torch._guards import TracingContext
+
+    guards = TracingContext.get().guards_context.dynamo_guards
+    for source in sources:
+        if "attr" in inspect.signature(GuardBuilder.HASATTR).parameters:  # torch 2.13: the base and the name
+            guards.add(source.make_guard(functools.partial(GuardBuilder.HASATTR, attr=MARK)))
+        else:  # torch 2.11: the attribute's source
+            guards.add(AttrSource(source, MARK).make_guard(GuardBuilder.HASATTR))
+
+
+class MaskPlan:
+    """What the backend's wrapper does around one compiled graph for masks that cross graphs: mark the causal masks
+    it returns (proven, or checked in the graph: the check outputs are appended and dropped again), and before each
+    call check that the marked inputs it took as causal still carry a current mark, running Dynamo's own graph
+    (`eager`, masks kept) where one does not. Built from the rewritten graph before it is compiled; appends the check
+    outputs to it (the caller recompiles)."""
+
+    def __init__(self, traced: fx.GraphModule, eager: fx.GraphModule, checks: bool):
+        self.eager = eager
+        self.inputs = list(getattr(traced, "liger_marked_inputs", []))
+        self.unmarked = list(getattr(traced, "liger_unmarked_inputs", []))
+        self.proven, self.checked = mask_outputs(traced.graph, checks)
+
+    def wrap(self, compiled, record):
+        """The compiled callable with the marks handled; adds Dynamo's guards on the mask inputs' marks."""
+        if self.inputs or self.unmarked:
+            try:
+                guard_marks([source for _, source in self.inputs + self.unmarked])
+            except Exception as e:  # correct without it (the check below), only no recompile where the mark changes
+                log.debug("liger_fx: graph %d: no guard on the mask inputs' marks (%s)", record.index, e)
+        if not (self.inputs or self.proven or self.checked):
+            return compiled
+        if self.inputs:
+            record.causal_from_marks = len(self.inputs)
+        positions = [i for i, _ in self.inputs]
+        proven, checked, eager = self.proven, self.checked, self.eager
+        n_out = min((j for _, j in checked), default=None)
+        warned = []
+
+        def run(*args):
+            if positions and not all(is_marked(args[i]) for i in positions):
+                if not warned:
+                    warned.append(True)
+                    log.warning("liger_fx: graph %d: a mask it takes as causal was written in place after it was "
+                                "marked; running Dynamo's graph with the mask instead", record.index)
+                return eager(*args)
+            outs = compiled(*args)
+            for i in proven:
+                mark(outs[i])
+            for i, j in checked:
+                if bool(outs[j]):  # one host sync: the check ran in the graph
+                    mark(outs[i])
+            if n_out is not None:
+                outs = type(outs)(outs[:n_out]) if isinstance(outs, tuple) else outs[:n_out]
+            return outs
+
+        return run

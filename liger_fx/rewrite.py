@@ -89,6 +89,10 @@ class Miss:
 @dataclass
 class GraphRecord:
     index: int
+    kind: str = "forward"
+    """"forward" for what Dynamo captured from the model's code; "backward" for a backward graph that compiled autograd
+    (`torch._dynamo.config.compiled_autograd`, DDP's python_reducer) hands the backend: compiled by Inductor as it is,
+    no pattern searched (distributed.is_backward_graph)."""
     replaced: list[Rewrite] = dataclasses.field(default_factory=list)
     misses: list[Miss] = dataclasses.field(default_factory=list)
     fallback: str | None = None
@@ -105,6 +109,12 @@ class GraphRecord:
     swiglu_linear: list[str] = dataclasses.field(default_factory=list)
     """Where a SwiGLU and the down projection after it became one op that recomputes the SwiGLU inside its backward
     (option `fuse_swiglu_linear`; patterns/swiglu.recompute_in_linear)."""
+    causal_masks_out: int = 0
+    """How many causal masks the graph returns marked as such for the graphs that read them (causal_mask.mark)."""
+    causal_masks_checked: int = 0
+    """How many returned masks that could not be proven causal are compared with the triangle when the graph runs."""
+    causal_from_marks: int = 0
+    """How many graph inputs SDPA took as causal on an earlier graph's mark (guarded; causal_mask.MaskPlan)."""
     logits_grad_outside: int = 0
     """How many returned logits leave the graph without a gradient path, theirs attached by the caller
     (patterns/linear_cross_entropy.detach_returned_logits): no zeros gradient of N x V in the backward."""
@@ -120,10 +130,20 @@ class GraphRecord:
         return {k: (v[0], v[1]) for k, v in out.items()}
 
     def summary(self) -> str:
+        if self.kind == "backward":
+            return (f"liger_fx: graph {self.index}: backward graph (compiled autograd), no patterns searched, compiled "
+                    "with Inductor as it is")
         if self.fallback:
             return f"liger_fx: graph {self.index}: rewrite failed, compiled with plain Inductor ({self.fallback})"
         counts = self.counts()
         causal = f"; {len(self.causal_sdpa)} causal mask(s) -> SDPA is_causal" if self.causal_sdpa else ""
+        if self.causal_sdpa and self.causal_from_marks:
+            causal += f" ({self.causal_from_marks} input(s) marked causal by an earlier graph)"
+        if self.causal_masks_out:
+            causal += f"; {self.causal_masks_out} returned causal mask(s) marked for later graphs"
+        if self.causal_masks_checked:
+            causal += (f"; {self.causal_masks_checked} returned mask(s) compared with the causal triangle as the graph "
+                       "runs, marked where equal")
         if self.grouped_sdpa:
             causal += f"; {len(self.grouped_sdpa)} SDPA on grouped k/v (no repeat)"
         if self.fused_projections:

@@ -3,8 +3,10 @@
 Each torchrun case runs the documented example, `torchrun --nproc-per-node 2 examples/train_fsdp2.py`, for 5 steps and
 checks: the global losses and the final parameters equal single-process eager training on the same global batch
 (fp32, the tolerances of tests/helpers.py), and every rank's record shows the rewrites of a single-graph compile. Two
-processes compile on 2 shared cores: each run takes about a minute, so there are three runs only. The in-process cases
-below them check the DDP cut itself (where it falls, what the record says, who may change optimize_ddp).
+processes compile on 2 shared cores: each run takes 30-90 s, so there are few: the bare `torch.compile(DDP(model),
+backend="liger")` at two bucket proportions, FSDP2 through torch.compile, through liger_fx.apply and block by block,
+and DDP's python_reducer under compiled autograd. The in-process cases below them check the DDP cut itself (where it
+falls, what the record says, who may change optimize_ddp, the DDPOptimizer hook).
 """
 
 from __future__ import annotations
@@ -136,8 +138,9 @@ def _check_numerics(result, params, ref):
 @pytest.mark.slow  # gloo on CPU: nothing for the GPU run to learn here (bench/gpu_all.sh runs -m "not slow")
 @pytest.mark.parametrize("model", [LLAMA_1B_BY_16, TINY_DEFAULT], ids=["llama-1b-by-16", "tiny-default"])
 def test_ddp_with_default_settings_fuses_every_site_and_trains_like_eager(model, tmp_path, tmp_path_factory):
-    # The example leaves optimize_ddp alone and builds DDP with its own bucket size; each step runs inside
-    # liger_fx.distributed.split_after_rewrite(), so the backend rewrites the whole graph and then cuts it.
+    # The example leaves optimize_ddp alone, builds DDP with its own bucket size and calls the bare
+    # torch.compile(DDP(model), backend="liger"): DDPOptimizer hands the liger backend the whole graph (the hook in
+    # liger_fx/distributed.py), which rewrites it and then cuts it.
     base = ARGS + model
     ref = reference((), tmp_path_factory, base)
     result, params = _torchrun(tmp_path, "--wrap", "ddp", base=base)
@@ -173,12 +176,50 @@ def test_fsdp2_tied_lm_head_is_gathered_rewritten_and_trains_like_eager(tmp_path
         assert all(r["fallback"] is None and not r["misses"] for r in records), [r["summary"] for r in records]
         flags = {k for k in rank["counters"] if k in LigerConfig.flag_names()}  # not the option passes' counts
         assert flags == set(expected), (rank["counters"], expected)
+        # transformers' causal mask reaches the layer graph as an input: the graph that builds it checked it against
+        # the triangle and marked it, and the layer's SDPA runs causal (liger_fx/causal_mask.py, MaskPlan).
+        assert rank["counters"].get("causal_sdpa", 0) >= 1, rank["counters"]
+        assert any("marked causal by an earlier graph" in r["summary"] for r in records), [r["summary"] for r in records]
         # What the backend received: no DTensor anywhere; lm_head's weight all-gathered, plain, full (vocab, hidden).
         inputs = rank["graph_inputs"]
         assert sum(g["dtensors"] for g in inputs) == 0, inputs
         heads = [v for g in inputs for k, v in g.items() if "lm_head" in k]
         full = f"({ARGS[ARGS.index('--vocab') + 1]}, {ARGS[ARGS.index('--hidden') + 1]})"
         assert heads and all(v.split()[0] != "DTensor" and full in v for v in heads), (full, inputs)
+
+
+@pytest.mark.slow
+def test_fsdp2_blocks_compiled_one_by_one_fuse_every_site_and_train_like_eager(tmp_path, tmp_path_factory):
+    """`--entry blocks`: each decoder block compiled on its own with backend="liger" (block.compile, then
+    fully_shard, torchtitan's order); embedding, final norm, lm_head and loss eager. Every site of the blocks fused
+    (one graph shared by the layers), same losses and parameters as single-process eager."""
+    ref = reference((), tmp_path_factory)
+    result, params = _torchrun(tmp_path, "--wrap", "fsdp2", "--entry", "blocks")
+    _check_numerics(result, params, ref)
+    for rank in result["ranks"]:
+        records = rank["records"]
+        assert records and all(r["fallback"] is None and not r["misses"] for r in records), records
+        got = {k: v for k, v in rank["counters"].items() if k in LigerConfig.flag_names()}
+        assert got == {"rms_norm": 2, "rope": 2, "swiglu": 1}, rank["counters"]  # a block's sites, all of them
+
+
+@pytest.mark.slow
+def test_ddp_python_reducer_under_compiled_autograd_trains_like_eager(tmp_path, tmp_path_factory):
+    """`--compiled-autograd` under DDP: optimize_ddp="python_reducer" and the whole step compiled, so the backward
+    (with DDP's all-reduce hooks) reaches the liger backend too. It passes through to Inductor unsearched, counted as
+    a backward graph, with no fallback; the forward fuses every site; losses and parameters equal eager's."""
+    ref = reference((), tmp_path_factory)
+    result, params = _torchrun(tmp_path, "--wrap", "ddp", "--compiled-autograd")
+    _check_numerics(result, params, ref)
+    for rank in result["ranks"]:
+        records = rank["records"]
+        forward = [r for r in records if r["kind"] == "forward"]
+        backward = [r for r in records if r["kind"] == "backward"]
+        assert backward and all("backward graph" in r["summary"] for r in backward), [r["summary"] for r in records]
+        assert all(r["fallback"] is None and not r["misses"] and not r["replaced"] for r in backward), backward
+        assert all(r["fallback"] is None and not r["misses"] for r in forward), [r["summary"] for r in forward]
+        got = collections.Counter(x["flag"] for r in forward for x in r["replaced"])
+        assert dict(got) == dict(ref[2]), (got, ref[2])
 
 
 @pytest.mark.slow
@@ -219,7 +260,7 @@ class Norm(nn.Module):
 
 
 def _ddp_split_backend(cap_bytes):
-    from torch._dynamo.backends.distributed import DDPOptimizer
+    DDPOptimizer = ligerdist._TORCH_DDP_OPTIMIZER  # torch's own: the split as it is where the hook is not installed
 
     def backend(gm, example_inputs):
         opt = DDPOptimizer(bucket_bytes_cap=cap_bytes, backend_compile_fn=liger_backend, first_bucket_cap=cap_bytes)
@@ -312,8 +353,9 @@ def gloo_world_of_one():
     ("apply", True, 4),                # liger_fx.apply, then DDP (the HF Trainer's order): enters the scope itself
     ("apply-ddp", True, 4),            # liger_fx.apply(DDP(model)): the same, on the wrapped module
     ("torch.compile", True, 4),        # torch.compile(DDP(model)) with the step inside split_after_rewrite()
+    ("bare", True, 4),                 # torch.compile(DDP(model), backend="liger"), nothing else: the hook
     ("apply", False, 0),               # the user's optimize_ddp=False: one graph, as before
-], ids=["apply", "apply-to-ddp", "torch.compile-in-scope", "apply-user-optimize_ddp-False"])
+], ids=["apply", "apply-to-ddp", "torch.compile-in-scope", "bare-torch.compile", "apply-user-optimize_ddp-False"])
 def test_ddp_fuses_every_site_and_keeps_the_users_setting(gloo_world_of_one, entry, optimize_ddp, buckets):
     with torch._dynamo.config.patch(optimize_ddp=optimize_ddp):
         _train_block_like_eager(entry)
@@ -351,6 +393,8 @@ def _train_block_like_eager(entry: str) -> None:
         step = DistributedDataParallel(block, bucket_cap_mb=BLOCK_BUCKET_MB)
     elif entry == "apply-ddp":
         step = liger_fx.apply(DistributedDataParallel(block, bucket_cap_mb=BLOCK_BUCKET_MB))
+    elif entry == "bare":
+        step = torch.compile(DistributedDataParallel(block, bucket_cap_mb=BLOCK_BUCKET_MB), backend="liger")
     else:
         compiled = torch.compile(DistributedDataParallel(block, bucket_cap_mb=BLOCK_BUCKET_MB), backend="liger")
 
@@ -377,3 +421,82 @@ def test_split_after_rewrite_changes_only_the_default(user):
             assert ligerdist._OWN_SPLIT.get() == owned
         assert torch._dynamo.config.optimize_ddp == user and not ligerdist._OWN_SPLIT.get()
     assert (inside, owned) == ((False, True) if user in (True, "ddp_optimizer") else (user, False))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The DDPOptimizer hook: what it changes, and what happens without it.
+
+
+@pytest.mark.slow  # gloo on CPU
+def test_bare_entry_cuts_where_dynamo_cuts(gloo_world_of_one):
+    """The bare entry's buckets hold the same parameters as Dynamo's own split of the same graph (torch's own
+    DDPOptimizer with a backend that only records), with one DDP module's caps."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.manual_seed(0)
+    seen = {}
+    original = ligerdist.compile_in_buckets
+
+    def recording(gm, example_inputs, caps, compile_fn, record):
+        seen["caps"] = caps
+        optimizer = ligerdist._TORCH_DDP_OPTIMIZER(caps.bucket_bytes_cap, lambda g, x: g.forward,
+                                                   caps.first_bucket_cap)
+        optimizer.compile_fn(gm, example_inputs)
+        seen["ours"] = [len(b.params) for b in optimizer.buckets]
+        return original(gm, example_inputs, caps, compile_fn, record)
+
+    def dynamo_split(gm, example_inputs):
+        optimizer = ligerdist._TORCH_DDP_OPTIMIZER(seen["caps"].bucket_bytes_cap, lambda g, x: g.forward,
+                                                   seen["caps"].first_bucket_cap)
+        out = optimizer.compile_fn(gm, example_inputs)
+        seen["dynamo"] = [len(b.params) for b in optimizer.buckets]
+        return out
+
+    ddp = DistributedDataParallel(MLPBlock(), bucket_cap_mb=BLOCK_BUCKET_MB)
+    x = torch.randn(3, 5, 32)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ligerdist, "compile_in_buckets", recording)
+        torch.compile(ddp, backend="liger")(x).sum().backward()
+    (record,) = liger_fx.get_records()
+    assert replaced("swiglu") == 1 and not record.misses and record.ddp_buckets == 4, record.summary()
+    assert seen["caps"].bucket_bytes_cap == ddp.bucket_bytes_cap
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(optimize_ddp=False):  # one graph, to split by hand as Dynamo would
+        torch.compile(ddp.module, backend=dynamo_split)(x)
+    assert seen["ours"] == seen["dynamo"] and len(seen["dynamo"]) == 4, seen
+
+
+@pytest.mark.slow  # gloo on CPU
+def test_without_the_hook_dynamos_split_stands_with_a_near_miss_and_one_warning(gloo_world_of_one, caplog):
+    """A torch whose DDPOptimizer call site the hook does not know: the bare entry keeps Dynamo's split, the SwiGLU
+    cut between silu(gate) and * up is a near miss whose reason says so, and one warning names why."""
+    import logging
+
+    import torch._dynamo.backends.distributed as dist_backend
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dist_backend, "DDPOptimizer", ligerdist._TORCH_DDP_OPTIMIZER)
+        mp.setattr(ligerdist, "_HOOK_MISSING", "torch 9.9.0: the hook was checked against torch 2.11 to 2.13 only")
+        mp.setattr(ligerdist, "_warned", False)
+        # torch's DDPOptimizer refuses a first bucket (DDP's 1 MiB) over the others (6 KiB here) at the first step
+        mp.setattr(torch.distributed, "_DEFAULT_FIRST_BUCKET_BYTES", int(BLOCK_BUCKET_MB * 2**20))
+        with caplog.at_level(logging.WARNING, logger="liger_fx"):
+            _train_block_like_eager("bare")
+    assert replaced("swiglu") == 0
+    misses = [m for r in liger_fx.get_records() for m in r.misses]
+    assert any(m.flag == "swiglu" and ligerdist.CUT_REASON in m.reason for m in misses), misses
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "torch 9.9.0" in warnings[0], warnings
+
+
+def test_hook_is_installed_and_checks_the_torch_version(monkeypatch):
+    import torch._dynamo.backends.distributed as dist_backend
+
+    assert ligerdist._HOOK_MISSING is None and dist_backend.DDPOptimizer._liger_fx_hook  # torch 2.11 to 2.13
+    assert issubclass(dist_backend.DDPOptimizer, ligerdist._TORCH_DDP_OPTIMIZER)
+    monkeypatch.setattr(torch, "__version__", "2.14.0")
+    assert "2.14.0" in ligerdist._hook_blocker()
+    # Other backends get torch's DDPOptimizer behaviour, including its check of the first bucket.
+    with pytest.raises(AssertionError, match="First bucket"):
+        dist_backend.DDPOptimizer(bucket_bytes_cap=1024, backend_compile_fn=lambda g, x: g.forward)
+    assert dist_backend.DDPOptimizer(bucket_bytes_cap=1024, backend_compile_fn=liger_backend).first_bucket_cap == 1024
