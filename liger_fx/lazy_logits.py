@@ -400,17 +400,25 @@ _SELECTS = {torch.Tensor.__getitem__, torch.Tensor.narrow, torch.narrow, torch.T
 
 
 def _index_is_rows(index, ndim: int) -> bool:
-    """Basic indexing of leading dims only: ints, slices and None, fewer dims consumed than the tensor has."""
-    items = index if isinstance(index, tuple) else (index,)
-    consumed = 0
-    for it in items:
-        if it is None:
-            continue
-        if isinstance(it, (int, slice)) and not isinstance(it, bool):
-            consumed += 1
-        else:  # Ellipsis, tensors, lists, bools: could reach the vocabulary dim, or copy
+    """Basic indexing (ints, slices, None, one Ellipsis) that leaves the last dim to a slice: `[:, :-1]`,
+    `[..., :-1, :]` (HF's old shift). Whether that slice keeps the whole vocabulary the caller checks on the result.
+    Tensors, lists and bools index by value: a copy, and they could reach the vocabulary."""
+    items = list(index) if isinstance(index, tuple) else [index]
+    if any(not (it is None or it is Ellipsis or isinstance(it, slice) or
+                (isinstance(it, int) and not isinstance(it, bool))) for it in items):
+        return False
+    if items.count(Ellipsis) > 1:
+        return False
+    if Ellipsis in items:
+        k = items.index(Ellipsis)
+        fill = ndim - sum(it is not None and it is not Ellipsis for it in items)
+        if fill < 0:
             return False
-    return consumed < ndim
+        items = items[:k] + [slice(None)] * fill + items[k + 1:]
+    consumed = [it for it in items if it is not None]
+    if len(consumed) > ndim:
+        return False
+    return len(consumed) < ndim or isinstance(consumed[-1], slice)
 
 
 def _view(func, *args, **kwargs):
@@ -437,6 +445,10 @@ def _view(func, *args, **kwargs):
         return NotImplemented  # torch raises the user's error from the materialized call
     many = isinstance(out, (tuple, list))
     results = list(out) if many else [out]
+    if func in _RESHAPES and not self._shadow.is_contiguous() and \
+            not all(torch._C._is_alias_of(r, self._shadow) for r in results):
+        # A reshape that copies (of `[:, :-1]`): eager's contiguous copy, then the view. The copy is a new source.
+        return _view(func, _derive(self, None, self._shadow.contiguous()), *args, **kwargs)
     if not all(torch._C._is_alias_of(r, self._shadow) and _is_row_view(r, V) for r in results):
         return NotImplemented  # a copy (reshape of a non-contiguous view) or a view into the vocabulary dim
     if func in _RESHAPES:

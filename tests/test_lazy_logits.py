@@ -56,6 +56,10 @@ LOSSES = {
     "module": lambda z, y: nn.CrossEntropyLoss()(z.float().view(-1, V), y.view(-1)),
     "row-slice-temperature": lambda z, y: F.cross_entropy((z[:, :-1].float() / 0.7).reshape(-1, V),
                                                           y[:, 1:].reshape(-1)),
+    "hf-shift": lambda z, y: F.cross_entropy(z[..., :-1, :].contiguous().view(-1, V).float(),
+                                            y[..., 1:].contiguous().view(-1)),
+    "slice-reshape-copies": lambda z, y: F.cross_entropy(z[:, 1:].reshape(-1, V), y[:, :-1].reshape(-1),
+                                                         reduction="sum"),
     "softcap": lambda z, y: F.cross_entropy((torch.tanh(z / 5.0) * 5.0).float().flatten(0, 1), y.flatten(0, 1)),
     "split-rows": lambda z, y: sum(F.cross_entropy(c.float(), t, reduction="sum")
                                    for c, t in zip(z.flatten(0, 1).split(8), y.flatten(0, 1).split(8))) / 36,
@@ -272,7 +276,8 @@ def test_gradient_state_follows_eager():
 def test_a_view_into_the_vocabulary_materializes():
     h, w, b, y = _inputs()
     eager = F.linear(h, w)
-    for fn in (lambda z: z[..., :10], lambda z: z.view(B, -1), lambda z: z.transpose(1, 2), lambda z: z.t()
+    for fn in (lambda z: z[..., :10], lambda z: z[..., 5], lambda z: z[:, :, 3], lambda z: z[y.clamp_min(0) > 3],
+               lambda z: z.view(B, -1), lambda z: z.transpose(1, 2), lambda z: z.t()
                if z.dim() == 2 else z.flatten(0, 1).t(), lambda z: z.expand(2, B, T, V)[0]):
         z = lazy_logits(h, w)
         out = fn(z)
