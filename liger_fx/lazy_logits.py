@@ -86,7 +86,7 @@ class _Source:
         return tuple(t._version for t in (self.h, self.weight, self.bias) if t is not None)
 
     def check(self) -> None:
-        if any(t is not None and t.untyped_storage().nbytes() < (t.storage_offset() + 1) * t.element_size()
+        if any(t.untyped_storage().nbytes() < (t.storage_offset() + 1) * t.element_size()
                for t in (self.h, self.weight, self.bias) if t is not None and t.numel()):
             raise RuntimeError(
                 "liger_fx: lazy logits read after the storage of the lm_head's input or weight was freed (FSDP "
@@ -149,7 +149,10 @@ def _before_optimizer_step(optimizer, args, kwargs) -> None:
         if src.value is not None or src.snapshot:
             continue
         if any(t is not None and t.data_ptr() in params for t in (src.weight, src.bias)):
-            src.check()
+            try:
+                src.check()
+            except RuntimeError:  # already written to: reading them raises, not this unrelated step
+                continue
             with torch.enable_grad():  # step() runs under no_grad; the copy keeps the path to the parameter
                 src.weight = src.weight.clone()
                 src.bias = src.bias.clone() if src.bias is not None else None
