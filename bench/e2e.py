@@ -11,6 +11,7 @@ device) and trains on the same batches (seed 1234), so their losses must agree.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -44,6 +45,23 @@ VARIANT_HELP = {
     "hf_hook_unfused": "liger_fx.apply(model, fuse_projections=False): q/k/v as three matmuls (issue 17's A/B)",
     "hf_hook_sep": "liger_fx.apply(model, fuse_swiglu_linear=False): the SwiGLU recomputed in a launch of its own",
 }
+# The plain-PyTorch reference decoder (liger_fx/models/reference.py), in the loop PyTorch-native trainers write:
+# `pred = model(x); loss = loss_fn(pred, y)`, labels aligned by the loader, the loss outside the model. Its own
+# variants (the HF ones need an HF model); "eager" is the loss reference there.
+REF_VARIANTS = ("inductor", "liger_fx", "liger_fx_nolazy", "eager", "inductor_blocks", "liger_fx_blocks",
+                "inductor_inloss", "liger_fx_inloss")
+REF_VARIANT_HELP = {
+    "eager": "the reference decoder as is, the loss outside it",
+    "inductor": "torch.compile(model), the loss outside it (eager)",
+    "liger_fx": 'torch.compile(model, backend="liger"), the loss outside it: lazy logits, the fused lm_head + loss',
+    "liger_fx_nolazy": 'torch.compile(model, backend="liger", options={"lazy_logits": False}): plain logits, '
+                       "the loss on them unfused (the loop without the fused path)",
+    "inductor_blocks": "each block compiled on its own (torchtitan), Inductor; lm_head and loss eager",
+    "liger_fx_blocks": 'each block compiled on its own with backend="liger"; lm_head and loss eager',
+    "inductor_inloss": "torch.compile of a step function computing the loss from the model's output (one graph)",
+    "liger_fx_inloss": 'the same with backend="liger": the loss inside the graph',
+}
+ALL_VARIANTS = VARIANTS + tuple(v for v in REF_VARIANTS if v not in VARIANTS)
 LR = 1e-4
 
 
@@ -108,6 +126,29 @@ SHAPES = {
 }
 
 
+# The reference decoder at the same shapes (bench for the plain-PyTorch path; B1 T32768 with --batch 1 --seq 32768).
+SHAPES["ref-llama-1b"] = Shape(
+    "reference", dict(size="llama-3.2-1b"), batch=8, seq=2048, smoke=dict(size="tiny"),
+    why="the plain-PyTorch reference decoder at the Llama-3.2-1B shape (nn.RMSNorm, complex RoPE, loss outside)")
+SHAPES["ref-llama-8b-8l"] = Shape(
+    "reference", dict(size="llama-3-8b-8l"), batch=8, seq=2048, smoke=dict(size="tiny"),
+    why="the plain-PyTorch reference decoder at Llama-3-8B's layer shape, 8 layers (untied output)")
+
+
+def is_reference(shape_name: str) -> bool:
+    return SHAPES[shape_name].model_type == "reference"
+
+
+def variants_for(shape_name: str) -> tuple[str, ...]:
+    """What `--variants all` runs for a shape."""
+    return REF_VARIANTS if is_reference(shape_name) else VARIANTS
+
+
+def variant_help(shape_name: str, variant: str) -> str:
+    table = REF_VARIANT_HELP if is_reference(shape_name) else VARIANT_HELP
+    return table.get(variant, "not defined for this shape")
+
+
 class Unavailable(Exception):
     """The variant cannot run here (a package is missing, an API has not landed): reported, not an error."""
 
@@ -117,6 +158,12 @@ class Unavailable(Exception):
 
 
 def build_model(shape: Shape, smoke: bool, device, dtype):
+    if shape.model_type == "reference":
+        from liger_fx.models import reference
+
+        size = {**shape.config, **(shape.smoke if smoke else {})}["size"]
+        model, _, _ = reference.build(size, dtype=dtype, device=device, seed=0)
+        return model.train()
     from transformers import AutoConfig, AutoModelForCausalLM
 
     kwargs = {**shape.config, **(shape.smoke if smoke else {})}
@@ -166,7 +213,33 @@ def _ensure_liger_backend() -> None:
         register_backend(liger_fx.liger_backend, name="liger")
 
 
+def make_reference_variant(variant: str, model, device):
+    """A callable for the reference decoder: tokens -> logits, or (tokens, labels) -> loss for the `_inloss` ones."""
+    from liger_fx.models import reference
+
+    if variant not in REF_VARIANTS:
+        raise Unavailable(f"{variant} is a Hugging Face variant; the reference decoder's: {', '.join(REF_VARIANTS)}")
+    if "liger" in variant:
+        _ensure_liger_backend()
+    backend = "liger" if "liger" in variant else "inductor"
+    if variant == "eager":
+        return model
+    if variant in ("inductor", "liger_fx"):
+        return torch.compile(model, backend=backend)
+    if variant == "liger_fx_nolazy":
+        return torch.compile(model, backend="liger", options={"lazy_logits": False})
+    if variant.endswith("_blocks"):
+        return reference.compile_blocks(model, backend=backend)
+    return torch.compile(lambda x, y: reference.loss_fn(model(x), y), backend=backend)  # _inloss
+
+
 def make_variant(variant: str, model, device):
+    from liger_fx.models import reference
+
+    if isinstance(model, reference.Transformer):
+        return make_reference_variant(variant, model, device)
+    if variant in REF_VARIANTS and variant not in VARIANTS:
+        raise Unavailable(f"{variant} is a reference-decoder variant (shapes ref-*)")
     if variant in ("hf_liger_kernel", "inductor_on_liger_kernel") and torch.device(device).type != "cuda":
         raise Unavailable("liger-kernel needs CUDA")
     if variant == "hf_eager":
@@ -248,8 +321,13 @@ def run_one(shape_name: str, variant: str, *, smoke: bool, device, steps: int, w
     phase("apply variant")
     fwd = make_variant(variant, model, device)
     g = torch.Generator().manual_seed(1234)
-    # One contiguous tensor per step (not views of one block): Dynamo then sees identical inputs every step.
-    ids = [torch.randint(0, model.config.vocab_size, (B, T), generator=g).to(device) for _ in range(warmup + steps)]
+    ref = shape.model_type == "reference"
+    vocab = model.cfg.vocab_size if ref else model.config.vocab_size
+    # One contiguous tensor per step (not views of one block): Dynamo then sees identical inputs every step. The
+    # reference decoder gets loader-aligned (tokens, labels) of a T + 1 window.
+    ids = [torch.randint(0, vocab, (B, T + ref), generator=g).to(device) for _ in range(warmup + steps)]
+    if ref:
+        ids = [(t[:, :-1].contiguous(), t[:, 1:].contiguous()) for t in ids]
     setup_s = time.perf_counter() - t0
 
     graphs = variant.endswith("_ro")
@@ -257,7 +335,18 @@ def run_one(shape_name: str, variant: str, *, smoke: bool, device, steps: int, w
     def step(x):
         if graphs:  # CUDA graphs: a new step; the replay's outputs are overwritten by the next one, so copy the loss
             torch.compiler.cudagraph_mark_step_begin()
-        loss = fwd(input_ids=x, labels=x).loss  # HF shifts the labels; the outputs (logits) die here
+        if ref:  # the PyTorch-native loop: the loss outside the model (or, for _inloss, in the compiled step)
+            from liger_fx.models.reference import loss_fn
+
+            x, y = x
+            if variant.endswith("_inloss"):
+                loss = fwd(x, y)
+            else:  # torchtitan's step: `del pred` before the backward ("to avoid peaking memory")
+                pred = fwd(x)
+                loss = loss_fn(pred, y)
+                del pred
+        else:
+            loss = fwd(input_ids=x, labels=x).loss  # HF shifts the labels; the outputs (logits) die here
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -302,7 +391,7 @@ def run_one(shape_name: str, variant: str, *, smoke: bool, device, steps: int, w
     return {
         "shape": shape_name, "variant": variant, "status": "ok", "device": str(device), "dtype": str(dtype),
         "batch": B, "seq": T, "steps": steps, "warmup": warmup, "params": n_params,
-        "config": {k: getattr(model.config, k, None) for k in (
+        "config": dataclasses.asdict(model.cfg) if ref else {k: getattr(model.config, k, None) for k in (
             "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "head_dim", "tie_word_embeddings", "rope_parameters", "_attn_implementation")},
         "tok_s": B * T * steps / timed_s if steps else None,
@@ -453,10 +542,13 @@ def _guarded(shape: str, variant: str, kw: dict, phase=lambda s: None) -> dict:
                 "error": f"in phase '{state['phase']}': {_error_line(str(e)) or (msg[0] if msg else '')}"}
 
 
+LOSS_REFERENCES = ("hf_eager", "eager")  # the eager variant of an HF shape, of a reference-decoder shape
+
+
 def add_loss_diffs(rows: list[dict]) -> None:
-    """max |loss_i - hf_eager loss_i| over the steps both ran, per shape."""
+    """max |loss_i - eager loss_i| over the steps both ran, per shape (hf_eager, or the reference decoder's eager)."""
     for r in rows:
-        ref = next((x for x in rows if x["shape"] == r["shape"] and x["variant"] == "hf_eager"
+        ref = next((x for x in rows if x["shape"] == r["shape"] and x["variant"] in LOSS_REFERENCES
                     and x.get("status") == "ok"), None)
         if ref is None or r.get("status") != "ok" or r is ref:
             r.pop("max_loss_diff", None)
@@ -469,7 +561,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.e2e", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), required=True)
-    p.add_argument("--variant", choices=VARIANTS, required=True)
+    p.add_argument("--variant", choices=ALL_VARIANTS, required=True)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--batch", type=int)

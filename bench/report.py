@@ -107,11 +107,18 @@ def e2e_ratios(results: dict) -> list[str]:
     for r in results.get("e2e", []):
         by_shape.setdefault(r["shape"], {})[r["variant"]] = r
     for shape, vs in by_shape.items():
-        for ours in ("liger_fx", "hf_hook"):
+        reference = any(v in vs for v in ("eager", "liger_fx_nolazy", "liger_fx_blocks", "liger_fx_inloss"))
+        # The reference decoder (shapes ref-*): ours against Inductor on the same loop, and the loss-outside loop
+        # with against without the fused path (lazy logits against plain ones).
+        pairs = ((("liger_fx", ("inductor", "liger_fx_nolazy")), ("liger_fx_nolazy", ("inductor",)),
+                  ("liger_fx_blocks", ("inductor_blocks",)), ("liger_fx_inloss", ("inductor_inloss", "inductor"))))\
+            if reference else (("liger_fx", ("hf_liger_kernel", "inductor")), ("hf_hook", ("hf_liger_kernel",
+                                                                                           "inductor")))
+        for ours, bases in pairs:
             o = vs.get(ours)
             if not o or o.get("status") != "ok":
                 continue
-            for base in ("hf_liger_kernel", "inductor"):
+            for base in bases:
                 b = vs.get(base)
                 if not b or b.get("status") != "ok":
                     lines.append(f"{shape}: {ours}/{base}: n/a ({base} {b.get('status') if b else 'not run'})")
@@ -128,15 +135,15 @@ def loss_agreement(results: dict) -> list[str]:
     shapes = dict.fromkeys(r["shape"] for r in results.get("e2e", []))
     for shape in shapes:
         rows = [r for r in results["e2e"] if r["shape"] == shape and r.get("status") == "ok"]
-        ref = next((r for r in rows if r["variant"] == "hf_eager"), None)
+        ref = next((r for r in rows if r["variant"] in ("hf_eager", "eager")), None)
         if ref is None:
-            lines.append(f"{shape}: losses NOT CHECKED (hf_eager did not run)")
+            lines.append(f"{shape}: losses NOT CHECKED (hf_eager / eager did not run)")
             continue
         bad = [r for r in rows if r is not ref and not (r.get("max_loss_diff") is not None and
                                                          r["max_loss_diff"] <= atol)]
         diffs = ", ".join(f"{r['variant']} {_f(r.get('max_loss_diff'), '.4f')}" for r in rows if r is not ref)
         verdict = "agree" if not bad else "DISAGREE (" + ", ".join(r["variant"] for r in bad) + ")"
-        lines.append(f"{shape}: losses {verdict}: max |loss - hf_eager loss| over all steps, tolerance {atol}: "
+        lines.append(f"{shape}: losses {verdict}: max |loss - {ref['variant']} loss| over all steps, tolerance {atol}: "
                      f"{diffs or 'no other variant ran'}")
     return lines
 

@@ -167,7 +167,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kernels", default="all", help=f"all, none, or a comma list of {', '.join(KERNELS)}")
     p.add_argument("--e2e", default="llama-1b", help=f"none, all, or a comma list of {', '.join(e2e.SHAPES)}")
-    p.add_argument("--variants", default="all", help=f"comma list of {', '.join(e2e.VARIANTS)}")
+    p.add_argument("--variants", default="all",
+                   help=f"all (each shape's own), or a comma list of {', '.join(e2e.ALL_VARIANTS)}")
     p.add_argument("--post", default="none",
                    help=f"post-training steps: none, all, or a comma list of {', '.join(post_training.WORKLOADS)}")
     p.add_argument("--post-variants", default="all", help=f"comma list of {', '.join(post_training.VARIANTS)}")
@@ -192,7 +193,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.kernel_list = _csv(args.kernels, KERNELS, "kernel")
     args.shape_list = _csv(args.e2e, e2e.SHAPES, "e2e shape")
-    args.variant_list = _csv(args.variants, e2e.VARIANTS, "variant")
+    # "all": each shape's own variants (e2e.variants_for: the reference decoder's differ from the HF models')
+    args.variant_list = None if args.variants == "all" else _csv(args.variants, e2e.ALL_VARIANTS, "variant")
     args.post_list = _csv(args.post, post_training.WORKLOADS, "post-training workload")
     args.post_variant_list = _csv(args.post_variants, post_training.VARIANTS, "post-training variant")
     args.device = args.device or ("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
@@ -257,13 +259,13 @@ def _work(args, results: dict, env: dict, left) -> None:
                                 f"{'one process per variant' if not args.inprocess else 'in-process (smoke)'}; "
                                 + "; ".join(f"{s}: {e2e.SHAPES[s].why}" for s in args.shape_list))
     for shape in args.shape_list:
-        for variant in args.variant_list:
+        for variant in args.variant_list or e2e.variants_for(shape):
             row_env = {"env": env}
             if left() <= 30:  # less than a model build and one step: don't start a variant that cannot finish
                 results["e2e"].append({"shape": shape, "variant": variant, "status": "skipped (time budget)",
                                        **row_env})
                 continue
-            print(f"== e2e {shape} {variant}: {e2e.VARIANT_HELP[variant]}", flush=True)
+            print(f"== e2e {shape} {variant}: {e2e.variant_help(shape, variant)}", flush=True)
             kw = dict(smoke=args.smoke, device=args.device, steps=args.steps, warmup=args.warmup, batch=args.batch,
                       seq=args.seq)
             if args.inprocess:

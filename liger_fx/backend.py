@@ -11,15 +11,18 @@ Dynamo hands us its FX graph and example inputs. We
      projections.fuse_sibling_linears; option `fuse_projections`); and mark the cheap ones' outputs for
      recomputation in the backward (rewrite.tag_recompute; option `recompute`), a SwiGLU's inside the down
      projection's backward kernel (swiglu.recompute_in_linear; option `fuse_swiglu_linear`),
-  3. take logits that are returned beside a fused loss out of the graph's autograd, with the lm_head's inputs as
-     extra outputs (linear_cross_entropy.detach_returned_logits): autograd would otherwise make them a zeros
-     gradient of N x V at the step's peak,
+  3. in a training graph, return the lm_head's h, W, b in place of logits that nothing else in it reads
+     (linear_cross_entropy.lazy_returned_logits; option `lazy_logits`): the caller gets lazy logits, which a loss
+     outside the graph consumes fused; else take logits returned beside a fused loss out of the graph's autograd,
+     with the lm_head's inputs as extra outputs (linear_cross_entropy.detach_returned_logits): autograd would
+     otherwise make them a zeros gradient of N x V at the step's peak,
   4. hand the result to Inductor (compile_fx), which does AOTAutograd and fuses everything else; under DDP, where
      DDP's whole graph was handed to us (distributed.install_ddp_hook, split_after_rewrite), first cut it at DDP's
      gradient buckets,
-  5. call it through a wrapper that re-attaches the returned logits' gradient (reattach_logits_grad) and drops the
-     extra outputs; and that marks the causal masks it returns for the graphs that read them, where a graph break
-     separates them (FSDP2's layers), and checks the marks of those it reads (causal_mask.MaskPlan).
+  5. call it through a wrapper that builds the lazy logits (lazy_logits.lazy_logits), re-attaches the returned
+     logits' gradient (reattach_logits_grad) and drops the extra outputs; and that marks the causal masks it
+     returns for the graphs that read them, where a graph break separates them (FSDP2's layers), and checks the
+     marks of those it reads (causal_mask.MaskPlan).
 If 1-3 raise, or 4 raises on the rewritten graph, we log one warning and compile Dynamo's untouched graph: a model
 that compiles with Inductor never fails with liger. A backward graph (compiled autograd hands the backend the step's
 backward too) goes to Inductor as it is: our ops' backward formulas are in it already, and no pattern is a backward.
@@ -42,6 +45,7 @@ from torch._inductor.compile_fx import compile_fx
 
 from . import causal_mask, distributed, grouped_sdpa, projections, rewrite
 from .kernels.fused_linear_cross_entropy import reattach_logits_grad
+from .lazy_logits import lazy_logits
 from .patterns import linear_cross_entropy, swiglu
 from .canonicalize import to_aten, where
 from .config import LigerConfig, split_options
@@ -129,6 +133,8 @@ def liger_backend(gm: fx.GraphModule, example_inputs, options: dict | None = Non
     if ddp_caps is not None:
         config = distributed.ddp_config(config)
     returned: list[linear_cross_entropy.ReturnedLogits] = []
+    lazy: list[linear_cross_entropy.LazyReturned] = []
+    n_out = _n_outputs(gm)
     masks = None
     try:
         with dynamo_timed("liger_fx.rewrite_graph"):  # in torch._dynamo.utils.compile_times(), beside Inductor's
@@ -137,16 +143,21 @@ def liger_backend(gm: fx.GraphModule, example_inputs, options: dict | None = Non
         if ddp_caps is not None:
             distributed.carry_dynamo_meta(gm, compiled_gm)  # what DDPOptimizer reads from Dynamo's graph
         else:  # (under DDP the bucket cut would have to carry the extra outputs across submodules: not done)
+            # Dynamo guards on grad mode: this is the call's. Not in a DDPOptimizer bucket: its outputs feed the next
+            # bucket's compiled function, which takes plain tensors.
+            if config.lazy_logits and torch.is_grad_enabled() and not distributed.is_ddp_bucket(gm):
+                lazy = linear_cross_entropy.lazy_returned_logits(compiled_gm.graph)
             returned = linear_cross_entropy.detach_returned_logits(compiled_gm.graph)
-            if returned:
+            if returned or lazy:
                 record.logits_grad_outside = sum(len(r.positions) for r in returned)
+                record.lazy_logits = sum(len(r.positions) for r in lazy)
         if config.causal_sdpa:  # causal masks this graph returns: marked for the graphs that read them
             masks = causal_mask.MaskPlan(compiled_gm, gm, checks=ddp_caps is None)
             record.causal_masks_out, record.causal_masks_checked = len(masks.proven), len(masks.checked)
         compiled_gm.recompile()
     except Exception as e:  # the fallback is the product's promise: never worse than Inductor
         _fall_back(record, "rewrite", e)
-        compiled_gm, returned, masks = gm, [], None
+        compiled_gm, returned, lazy, masks = gm, [], [], None
     compile_one = functools.partial(compile_fx, config_patches=patches or None)
 
     def compile_graph(graph: fx.GraphModule):
@@ -170,7 +181,7 @@ def liger_backend(gm: fx.GraphModule, example_inputs, options: dict | None = Non
                 if masks is not None:
                     compiled = masks.wrap(compiled, record)
                 _commit(record)
-                return _with_logits_grad(compiled, returned)
+                return _with_logits_grad(compiled, n_out, returned, lazy)
         compiled = compile_graph(gm)
     except Exception as e:
         _discard(record, e)
@@ -179,18 +190,28 @@ def liger_backend(gm: fx.GraphModule, example_inputs, options: dict | None = Non
     return compiled
 
 
-def _with_logits_grad(compiled: Callable, returned: list) -> Callable:
-    """Step 5: the compiled graph as Dynamo expects it (its own outputs), with the gradient of returned logits
-    re-attached outside it from the extra outputs (h, W, b) that step 3 appended after them."""
-    if not returned:
+def _n_outputs(gm: fx.GraphModule) -> int | None:
+    outs = next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0]
+    return len(outs) if isinstance(outs, (tuple, list)) else None
+
+
+def _with_logits_grad(compiled: Callable, n_out: int | None, returned: list, lazy: list) -> Callable:
+    """Step 5: the compiled graph as Dynamo expects it (its first `n_out` outputs), with lazy logits built from the
+    h it returned in their place and the extra outputs W, b, and the gradient of returned logits re-attached outside
+    it from the extra outputs (h, W, b) that step 3 appended after them."""
+    if not returned and not lazy:
         return compiled
-    n_out = min(r.extra[0] for r in returned)
 
     def run(*args):
         outs = compiled(*args)
         if len(outs) <= n_out:  # Dynamo's own graph ran (a stale causal mark: causal_mask.MaskPlan), its logits whole
             return outs
         mine = list(outs[:n_out])
+        for r in lazy:
+            w, b = outs[r.extra[0]], outs[r.extra[1]] if r.extra[1] is not None else None
+            logits = lazy_logits(mine[r.positions[0]], w, b, r.ops)
+            for i in r.positions:
+                mine[i] = logits
         for r in returned:
             h, w = outs[r.extra[0]], outs[r.extra[1]]
             b = outs[r.extra[2]] if r.extra[2] is not None else None
@@ -218,6 +239,7 @@ def _fall_back(record: rewrite.GraphRecord, step: str, e: Exception) -> None:
     record.grouped_sdpa = []
     record.swiglu_linear = []
     record.logits_grad_outside = 0
+    record.lazy_logits = 0
     log.warning("liger_fx: %s of graph %d failed (%s); compiling it with plain Inductor",
                 step, record.index, record.fallback)
 
@@ -246,6 +268,8 @@ def _commit(record: rewrite.GraphRecord) -> None:
         counters["liger_fx"]["fused_projections"] += len(record.fused_projections)
     if record.swiglu_linear:
         counters["liger_fx"]["swiglu_linear"] += len(record.swiglu_linear)
+    if record.lazy_logits:
+        counters["liger_fx"]["lazy_logits"] += record.lazy_logits
     log.info(record.summary())
 
 

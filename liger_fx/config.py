@@ -79,9 +79,21 @@ class LigerConfig:
     layer, nothing more saved (liger_fx/kernels/swiglu.py, liger_fx/patterns/swiglu.recompute_in_linear). Off, or with `recompute` off,
     the linear stays an nn.Linear's matmul."""
 
+    lazy_logits: bool = True
+    """In a training graph (grad enabled), return an lm_head's logits that nothing else in the graph uses as a
+    `liger_fx.lazy_logits.LazyLogits`: the lm_head's input, weight and bias, no B*T*V tensor. A cross-entropy
+    computed from them outside the compiled model (`loss_fn(model(x), y)`, as PyTorch-native trainers write it) runs
+    the fused lm_head + loss; views, casts and a temperature keep them lazy; any other use computes the logits then
+    (one lm_head matmul outside Inductor, eager's numbers and gradients). HF's `model(ids, labels=ids)` gets its
+    in-graph loss fused without logits and its returned logits lazy. On by default: the loop needs no change, and the
+    logits a training step never reads (3.9 GiB at Llama-3.2-1B B8 T2048 bf16) are never made; reading them costs
+    what eager pays, plus h (N x H, 64 MiB there) kept alive until then. Off: plain logits, as Inductor returns them
+    (for code that needs `type(logits) is torch.Tensor`). Not under DDP's bucket split, whose cut graphs cannot
+    carry the extra outputs."""
+
     @classmethod
     def option_names(cls) -> tuple[str, ...]:
-        return ("recompute", "causal_sdpa", "grouped_sdpa", "fuse_projections", "fuse_swiglu_linear")
+        return ("recompute", "causal_sdpa", "grouped_sdpa", "fuse_projections", "fuse_swiglu_linear", "lazy_logits")
 
     @classmethod
     def flag_names(cls) -> tuple[str, ...]:

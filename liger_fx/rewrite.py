@@ -118,6 +118,9 @@ class GraphRecord:
     logits_grad_outside: int = 0
     """How many returned logits leave the graph without a gradient path, theirs attached by the caller
     (patterns/linear_cross_entropy.detach_returned_logits): no zeros gradient of N x V in the backward."""
+    lazy_logits: int = 0
+    """How many graph outputs are lm_head logits returned as LazyLogits (option `lazy_logits`;
+    patterns/linear_cross_entropy.lazy_returned_logits): made only if something reads them."""
 
     def counts(self) -> dict[str, tuple[int, int]]:
         """flag -> (replaced, candidates)."""
@@ -151,12 +154,15 @@ class GraphRecord:
         if self.swiglu_linear:
             causal += f"; {len(self.swiglu_linear)} SwiGLU(s) recomputed inside the down projection's backward"
         if not counts:
-            return f"liger_fx: graph {self.index}: no applicable patterns{causal}"
+            lazy = f"; {self.lazy_logits} logits output(s) lazy (made only if read)" if self.lazy_logits else ""
+            return f"liger_fx: graph {self.index}: no applicable patterns{causal}{lazy}"
         parts = [f"{flag} {r}/{c}" for flag, (r, c) in counts.items()]
         returned = sum(r.pattern.endswith("/logits-returned") for r in self.replaced)
         if returned:  # the logits are also used: lm_head kept as one matmul beside the fused loss (patterns/...)
             parts.append(f"{returned} lm_head+CE on returned logits"
                          + (" (their gradient outside the graph)" if self.logits_grad_outside else ""))
+        if self.lazy_logits:
+            causal += f"; {self.lazy_logits} logits output(s) lazy (made only if read)"
         text = f"liger_fx: graph {self.index}: replaced " + ", ".join(parts) + causal
         if self.misses:
             text += f"; {len(self.misses)} near miss(es), first: {self.misses[0].where}: {self.misses[0].reason}"

@@ -110,7 +110,8 @@ def test_encoders_fuse_their_masked_lm_loss_and_still_train(model_type):
         assert not rec.fallback and not rec.misses, (rec.replaced, rec.misses)
     assert [r.pattern for rec in records for r in rec.replaced] == [
         "fused_linear_cross_entropy/mean/bias/logits-returned"]
-    assert dict(counters["liger_fx"]) == {"fused_linear_cross_entropy": 1}
+    # ... and its returned logits are lazy (option lazy_logits): the loss is the fused op without logits
+    assert dict(counters["liger_fx"]) == {"fused_linear_cross_entropy": 1, "lazy_logits": 1}
 
 
 def test_encoder_inference_has_no_applicable_patterns():

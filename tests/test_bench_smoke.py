@@ -156,3 +156,35 @@ def test_compile_profile_smoke(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "first step" in out and "liger_fx rewrite_graph" in out
     assert (tmp_path / "compile-hf_hook-llama-1b.prof").stat().st_size > 0
+
+
+@cpu_only
+def test_smoke_reference_decoder_loss_outside_the_model(tmp_path):
+    """The reference decoder's variants (shape ref-llama-1b at the tiny size): the loop with the loss outside the
+    compiled model trains with eager's losses under Inductor, liger-fx with lazy logits and liger-fx without them;
+    the liger-fx row's logits were lazy, and the report compares it with Inductor and with the plain-logits loop."""
+    variants = "eager,inductor,liger_fx,liger_fx_nolazy"
+    assert run.main(["--kernels", "none", "--e2e", "ref-llama-1b", "--variants", variants, "--smoke",
+                     "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    rows = {r["variant"]: r for r in res["e2e"]}
+    assert set(rows) == set(variants.split(","))
+    for v, r in rows.items():
+        assert r["status"] == "ok" and r["tok_s"] > 0 and len(r["losses"]) == 3, r
+        if v != "eager":
+            assert r["max_loss_diff"] <= 1e-4 * abs(rows["eager"]["final_loss"]), r
+    assert rows["liger_fx"]["replaced"].get("lazy_logits") == 1, rows["liger_fx"]["replaced"]
+    assert "lazy_logits" not in rows["liger_fx_nolazy"]["replaced"]
+    assert rows["liger_fx"]["replaced"].get("rope") == 4, rows["liger_fx"]["replaced"]
+    md = (tmp_path / "results.md").read_text()
+    assert "ref-llama-1b: losses agree" in md and "max |loss - eager loss|" in md
+    assert "ref-llama-1b: liger_fx/inductor" in md and "ref-llama-1b: liger_fx/liger_fx_nolazy" in md
+
+
+def test_reference_shapes_refuse_hf_variants():
+    assert e2e.variants_for("ref-llama-8b-8l") == e2e.REF_VARIANTS
+    assert e2e.variants_for("llama-1b") == e2e.VARIANTS
+    row = e2e.run_variant_inprocess("ref-llama-1b", "hf_hook", smoke=True, device="cpu", steps=1, warmup=1)
+    assert row["status"].startswith("unavailable: hf_hook is a Hugging Face variant"), row
+    row = e2e.run_variant_inprocess("llama-1b", "liger_fx_nolazy", smoke=True, device="cpu", steps=1, warmup=1)
+    assert row["status"].startswith("unavailable: liger_fx_nolazy is a reference-decoder variant"), row

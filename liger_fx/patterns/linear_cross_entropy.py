@@ -475,3 +475,119 @@ def detach_returned_logits(graph: fx.Graph) -> list[ReturnedLogits]:
     if extra:
         out_node.args = (type(outs)([*outs, *extra]),)
     return specs
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Logits returned lazy: the lm_head's h, W and b leave the graph instead of its N x V output
+
+
+@dataclass
+class LazyReturned:
+    """Where the compiled graph's caller builds a LazyLogits (backend.py, step 5): each output at `positions` is h
+    (in place of the logits `ops(h @ W^T + b)`), W and b are the extra outputs at `extra` (b: None without a bias),
+    `ops` the casts, scalar multiplications/divisions and tanh between the matmul and the output, in order."""
+    positions: list[int]
+    extra: tuple[int, int | None]
+    ops: tuple
+
+
+def _lazy_chain(out: fx.Node, out_node: fx.Node):
+    """From a graph output back to an lm_head through a chain of single-use casts to floating dtypes, scalar
+    multiplications/divisions and tanh: (source, chain nodes from the output, ops in forward order, scalar nodes) or
+    None. The source is a linear, or the logits of an `lm_head_cross_entropy` (a loss in the graph too)."""
+    if set(out.users) != {out_node}:
+        return None
+    node, chain, ops, scalars = out, [], [], []
+    while True:
+        if _is(node, aten.linear.default):
+            break
+        if node.op == "call_function" and node.target is operator.getitem and node.args[1] == 0 and \
+                _is(node.args[0], torch.ops.liger_fx.lm_head_cross_entropy.default):
+            break
+        if _is(node, aten.to.dtype):
+            if len(node.args) != 2 or node.kwargs or not node.args[1].is_floating_point:
+                return None
+            ops.append(("cast", node.args[1]))
+        elif _is(node, aten.tanh.default):
+            ops.append(("tanh",))
+        elif _is(node, aten.mul.Tensor, aten.div.Tensor):
+            a, b = scalar_hint(node.args[0]), scalar_hint(node.args[1])
+            if (a is None) == (b is None) or (_is(node, aten.div.Tensor) and a is not None):
+                return None
+            scalars += [x for x in node.args[:2] if isinstance(x, fx.Node) and scalar_hint(x) is not None]
+            ops.append(("mul" if _is(node, aten.mul.Tensor) else "div", float(b if a is None else a)))
+        else:
+            return None
+        chain.append(node)
+        node = _tensor_arg(node)
+        if not isinstance(node, fx.Node) or len(node.users) != 1:
+            return None
+    return node, chain, tuple(ops[::-1]), scalars
+
+
+def lazy_returned_logits(graph: fx.Graph) -> list[LazyReturned]:
+    """Return each lm_head's h, W (and b) in place of logits that only leave the graph (option `lazy_logits`; the
+    backend calls this for training graphs only): the caller wraps them in a LazyLogits, which a cross-entropy
+    outside the graph consumes fused and anything else materializes (liger_fx/lazy_logits.py).
+
+    An lm_head here: a linear (or an `lm_head_cross_entropy`'s logits: HF's `model(ids, labels=ids)`, whose loss then
+    becomes `linear_cross_entropy` without logits) whose output widens the hidden size (V > H: a vocabulary or class
+    projection, not a layer's projection), that requires grad, outside any autocast region of the graph (the caller
+    replays the ambient autocast state only), reaching the output through single-use casts, scalar mul/div and tanh
+    (Meta's `.float()`, Gemma2's softcap). Logits that anything else in the graph reads (a z-loss) stay."""
+    from liger_fx.rewrite import requires_grad
+
+    out_node = next(n for n in reversed(graph.nodes) if n.op == "output")
+    outs = out_node.args[0]
+    if not isinstance(outs, (tuple, list)):
+        return []
+    regions = None
+    new_outs, extra, specs, dead, losses = list(outs), [], [], [], []
+    for o in dict.fromkeys(x for x in outs if isinstance(x, fx.Node)):
+        found = _lazy_chain(o, out_node)
+        if found is None:
+            continue
+        source, chain, ops, scalars = found
+        op = source.args[0] if source.target is operator.getitem else None
+        lin = op if op is not None else source
+        h, w, b = lin.args[0], lin.args[1], lin.args[2] if len(lin.args) > 2 else None
+        hv, wv = _val(h), _val(w)
+        if hv is None or wv is None or wv.dim() != 2 or not hv.is_floating_point() or \
+                not isinstance(wv.shape[0], int) or not wv.shape[0] > wv.shape[1]:
+            continue
+        if not requires_grad(lin):
+            continue
+        regions = regions or _autocast_regions(graph)
+        if regions.get(lin):
+            continue
+        if op is not None and (op.args[8] is not True or
+                               any(u.target is not operator.getitem or u.args[1] not in (0, 1) for u in op.users)):
+            continue
+        for s in scalars:  # the caller replays them as constants: guard the values they were read at
+            specialize(s)
+        positions = [i for i, x in enumerate(outs) if x is o]
+        for i in positions:
+            new_outs[i] = h
+        start = len(outs) + len(extra)
+        extra += [w] + ([b] if b is not None else [])
+        specs.append(LazyReturned(positions, (start, start + 1 if b is not None else None), ops))
+        dead += chain + [source]
+        if op is not None:
+            losses.append(op)
+    if not specs:
+        return []
+    out_node.args = (type(outs)([*new_outs, *extra]),)
+    for op in losses:  # the loss alone, fused without logits (after the outputs are set: one may be the loss)
+        with graph.inserting_before(op):
+            loss = graph.call_function(torch.ops.liger_fx.linear_cross_entropy.default, tuple(op.args[:8]))
+        getters = [u for u in op.users if u.args[1] == 1]
+        loss.meta = {k: v for k, v in op.meta.items() if k != "val"}
+        if getters:
+            loss.meta["val"] = getters[0].meta.get("val")
+        for g in getters:
+            g.replace_all_uses_with(loss)
+        dead += getters + [op]
+    for n in dead:
+        if not n.users:
+            graph.erase_node(n)
+    return specs

@@ -176,18 +176,24 @@ def test_gradients_are_computed_only_where_needed(flag_args):
     assert seen == [("fused_linear_cross_entropy", False, False)]
 
 
+# The returned-logits path when the logits are plain tensors: option lazy_logits off (or under DDP's bucket split);
+# with it on, returned logits are LazyLogits and the loss is the fused op without logits
+# (tests/test_lazy_logits_backend.py).
+NOT_LAZY = {"lazy_logits": False}
+
+
 def test_returned_logits_take_one_backward_with_only_the_needed_gradients(flag_args):
     """Logits returned: the backward of lm_head + loss is one op, which computes dW only where the lm_head learns.
     Its forward has one lm_head matmul (the logits) and no fused linear+CE op beside it."""
     seen = flag_args
     model = mini_model("llama", num_hidden_layers=1)
     ids, labels = batch(model.config.vocab_size, ignore=3)
-    compare_training(model, ids, labels)
+    compare_training(model, ids, labels, options=NOT_LAZY)
     assert seen == [("linear_cross_entropy_logits_backward", True, True)], seen
     seen.clear()
     torch._dynamo.reset()
     model.lm_head.weight.requires_grad_(False)
-    compare_training(model, ids, labels)
+    compare_training(model, ids, labels, options=NOT_LAZY)
     assert seen == [("linear_cross_entropy_logits_backward", True, False)], seen
 
 
@@ -232,9 +238,9 @@ def test_returned_logits_get_no_zeros_gradient():
     the graph without a gradient path, so nothing of their size is made up. Training still equals eager."""
     model = mini_model("llama", num_hidden_layers=1)
     ids, labels = batch(model.config.vocab_size, ignore=3)
-    compare_training(model, ids, labels)  # equal to eager (loss and every gradient)
+    compare_training(model, ids, labels, options=NOT_LAZY)  # equal to eager (loss and every gradient)
     model.zero_grad(set_to_none=True)
-    out = torch.compile(model, backend="liger")(input_ids=ids, labels=labels)
+    out = torch.compile(model, backend="liger", options=NOT_LAZY)(input_ids=ids, labels=labels)
     assert out.logits.requires_grad  # differentiable as eager's (test below)
     with _ZerosOfSize(out.logits.numel()) as mode:
         out.loss.backward()
@@ -255,10 +261,12 @@ class _HeadWithBias(nn.Module):
         return logits, F.cross_entropy(logits.view(-1, 50).float(), labels.view(-1))
 
 
+@pytest.mark.parametrize("lazy", [False, True], ids=["plain", "lazy"])
 @pytest.mark.parametrize("frozen_weight", [False, True])
-def test_returned_logits_gradient_outside_the_graph_with_bias_and_frozen_weight(frozen_weight):
+def test_returned_logits_gradient_outside_the_graph_with_bias_and_frozen_weight(frozen_weight, lazy):
     """The gradient attached outside the graph is the lm_head's whole backward: dh, dW and db, each only where it
-    is needed, equal to eager for a loss on the logits beside the fused one."""
+    is needed, equal to eager for a loss on the logits beside the fused one. Lazy logits: the same, the logits made
+    by the loss on them outside the graph."""
     torch.manual_seed(0)
     model = _HeadWithBias(frozen_weight)
     x, labels = torch.randn(3, 7, 24), torch.randint(0, 50, (3, 7))
@@ -271,11 +279,12 @@ def test_returned_logits_gradient_outside_the_graph_with_bias_and_frozen_weight(
 
     ref = step(model)
     torch._dynamo.reset()
-    got = step(torch.compile(model, backend="liger"))
+    got = step(torch.compile(model, backend="liger", options=None if lazy else NOT_LAZY))
     assert sorted(got) == sorted(ref) and ("head.weight" in got) != frozen_weight
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], atol=1e-5, rtol=1e-4, msg=lambda m: f"{k}: {m}")
-    assert liger_fx.get_records()[-1].logits_grad_outside == 1
+    rec = liger_fx.get_records()[-1]
+    assert (rec.logits_grad_outside, rec.lazy_logits) == ((0, 1) if lazy else (1, 0)), rec.summary()
 
 
 def test_logits_used_inside_the_graph_keep_their_gradient_path():
