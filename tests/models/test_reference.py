@@ -3,9 +3,7 @@ the liger backend fuses in the loop PyTorch-native trainers write (the loss outs
 
 Sites that depend on work not merged here are marked xfail(strict=True) with the missing piece named: when it lands
 they pass, strict xfail turns that into a failure, and the marker is to be removed (TODO for the lead):
-- `nn.RMSNorm` (the reference's default norm): not matched yet (the norms branch);
-- the loss inside the compiled function, `cross_entropy(pred.flatten(0, 1).float(), ...)`: `aten.flatten.using_ints`
-  is not a view the lm_head + CE walk passes (the logprobs branch).
+- `nn.RMSNorm` (the reference's default norm): not matched yet (the norms branch).
 The loss outside the model needs neither: LazyLogits take `flatten(0, 1)` as a view of h."""
 
 import copy
@@ -118,8 +116,6 @@ def test_manual_norm_spelling_fuses_every_site():
     assert rec.lazy_logits == 1 and is_lazy(pred) and not rec.misses
 
 
-@pytest.mark.xfail(strict=True, reason="TODO(merge logprobs): cross_entropy(pred.flatten(0, 1).float(), ...) inside "
-                   "the graph: aten.flatten.using_ints is not passed by the lm_head + CE walk until the logprobs branch")
 def test_loss_inside_the_compiled_step_fuses_the_lm_head():
     model, (x,), y = reference.build("tiny", norm="manual")
 
