@@ -37,7 +37,7 @@ from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicO
 from torch._dynamo.utils import counters, dynamo_timed
 from torch._inductor.compile_fx import compile_fx
 
-from . import causal_mask, distributed, grouped_sdpa, projections, rewrite
+from . import causal_mask, checkpointing, distributed, grouped_sdpa, projections, rewrite
 from .kernels.fused_linear_cross_entropy import reattach_logits_grad
 from .patterns import linear_cross_entropy, swiglu
 from .canonicalize import to_aten, where
@@ -111,6 +111,7 @@ def liger_backend(gm: fx.GraphModule, example_inputs, options: dict | None = Non
     patches = {**_mode_patches(mode), **inductor_options}
     record = rewrite.GraphRecord(next(_graph_index))
     rewrite.RECORDS.append(record)
+    checkpointing.warn_if_checkpoint_broke(record.index)  # checkpointed layers Dynamo left out of every graph
     ddp_module = distributed.owned_ddp_module()  # DDP's whole graph, ours to cut after the rewrite (or None)
     if ddp_module is not None:
         config = distributed.ddp_config(config)
