@@ -69,13 +69,19 @@ def warn_if_checkpoint_broke(graph_index: int) -> None:
         return
     from torch._dynamo.utils import counters
 
-    breaks = [r for r in counters["graph_break"] if r.startswith(_BREAK) and "checkpoint" in r]
+    # "graph_break" where Dynamo resumed after the region; "unimplemented" also where it gave up on the whole
+    # function (a checkpoint inside a loop: "Failed to handle graph break gracefully", counted there only).
+    breaks = [r for kind in ("graph_break", "unimplemented") for r in counters[kind]
+              if r.startswith(_BREAK) and "checkpoint" in r]
     if not breaks:
         return
     _warned = True
-    culprit = breaks[0].split("Attempted to mutate", 1)[-1].splitlines()[0].strip() if "Attempted to mutate" in \
-        breaks[0] else "outside Python state"
-    log.warning("liger_fx: graph %d: Dynamo broke the graph at activation-checkpointed layers whose forward writes "
-                "%s (transformers >= 5.25's hub-kernels wrapper around attention does); those layers run eagerly "
-                "and unfused. Run the step inside `liger_fx.checkpointing.checkpoints_in_graph()`, or compile with "
-                "`liger_fx.apply(model)` or the HF Trainer hook, which enter it by themselves.", graph_index, culprit)
+    culprit = "outside Python state"
+    if "Attempted to mutate " in breaks[0]:
+        culprit = breaks[0].split("Attempted to mutate ", 1)[1].splitlines()[0].strip()
+    why = (" (the hub-kernels wrapper transformers 5.25 puts around every attention does)"
+           if "CompileableContextVar" in culprit else "")
+    log.warning("liger_fx: graph %d: Dynamo left activation-checkpointed layers out of the graph: their forward "
+                "writes %s%s, which it refuses inside a checkpoint; they run eagerly and unfused. Run the step inside "
+                "`liger_fx.checkpointing.checkpoints_in_graph()`, or compile with `liger_fx.apply(model)` or the HF "
+                "Trainer hook, which enter it by themselves.", graph_index, culprit, why)
