@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -73,6 +73,7 @@ class Shape:
     seq: int
     smoke: dict = field(default_factory=dict)  # config overrides for the CPU smoke mode (same structure, tiny)
     why: str = ""
+    grad_ckpt: bool = False  # HF gradient checkpointing on (every decoder layer), as TRL's SFTConfig defaults to
 
 
 _SMOKE_BODY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -149,6 +150,14 @@ def variant_help(shape_name: str, variant: str) -> str:
     return table.get(variant, "not defined for this shape")
 
 
+# The same shapes trained with HF gradient checkpointing on, for every variant: the liger-kernel user's (and TRL's)
+# usual setting, where what the hook fuses inside the checkpointed layers has to show in tok/s and peak memory.
+# Their rows carry the shape's own name, so reports compare them only with each other.
+SHAPES["llama-1b-ckpt"] = replace(
+    SHAPES["llama-1b"], grad_ckpt=True,
+    why="Llama-3.2-1B shape with HF gradient checkpointing on every layer (non-reentrant: transformers' default)")
+
+
 class Unavailable(Exception):
     """The variant cannot run here (a package is missing, an API has not landed): reported, not an error."""
 
@@ -173,7 +182,24 @@ def build_model(shape: Shape, smoke: bool, device, dtype):
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    if shape.grad_ckpt:  # on before the variant is applied; compiled variants see it when their first step traces
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()  # transformers 5.25 renamed it (the old name warns); 5.17 has only the old one. Non-reentrant in both.
     return model.train()
+
+
+def step_scope(variant: str, shape: Shape):
+    """What a user of `variant` wraps the step in. With checkpointing, a plain torch.compile(backend="liger") user
+    enters liger_fx's checkpoints_in_graph() (README; the hook variants enter it by themselves): since transformers
+    5.25 each checkpointed attention writes a global, which Dynamo otherwise refuses inside a checkpoint, running
+    the layer eagerly. Inductor variants get nothing: what plain Inductor does is their point."""
+    import contextlib
+
+    if shape.grad_ckpt and variant in ("liger_fx", "liger_fx_ro"):
+        from liger_fx.checkpointing import checkpoints_in_graph
+
+        return checkpoints_in_graph()
+    return contextlib.nullcontext()
 
 
 def _liger_kernel_patch(model):
@@ -294,7 +320,8 @@ def training_step(shape_name: str, variant: str, *, smoke: bool = False, batch=N
     ids = torch.randint(0, model.config.vocab_size, (B, T), device=device, generator=g)
 
     def step():
-        loss = fn(input_ids=ids, labels=ids).loss
+        with step_scope(variant, shape):
+            loss = fn(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -335,18 +362,19 @@ def run_one(shape_name: str, variant: str, *, smoke: bool, device, steps: int, w
     def step(x):
         if graphs:  # CUDA graphs: a new step; the replay's outputs are overwritten by the next one, so copy the loss
             torch.compiler.cudagraph_mark_step_begin()
-        if ref:  # the PyTorch-native loop: the loss outside the model (or, for _inloss, in the compiled step)
-            from liger_fx.models.reference import loss_fn
+        with step_scope(variant, shape):
+            if ref:  # the PyTorch-native loop: the loss outside the model (or, for _inloss, in the compiled step)
+                from liger_fx.models.reference import loss_fn
 
-            x, y = x
-            if variant.endswith("_inloss"):
-                loss = fwd(x, y)
-            else:  # torchtitan's step: `del pred` before the backward ("to avoid peaking memory")
-                pred = fwd(x)
-                loss = loss_fn(pred, y)
-                del pred
-        else:
-            loss = fwd(input_ids=x, labels=x).loss  # HF shifts the labels; the outputs (logits) die here
+                x, y = x
+                if variant.endswith("_inloss"):
+                    loss = fwd(x, y)
+                else:  # torchtitan's step: `del pred` before the backward ("to avoid peaking memory")
+                    pred = fwd(x)
+                    loss = loss_fn(pred, y)
+                    del pred
+            else:
+                loss = fwd(input_ids=x, labels=x).loss  # HF shifts the labels; the outputs (logits) die here
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -390,7 +418,7 @@ def run_one(shape_name: str, variant: str, *, smoke: bool, device, steps: int, w
     losses = [float(x) for x in losses]
     return {
         "shape": shape_name, "variant": variant, "status": "ok", "device": str(device), "dtype": str(dtype),
-        "batch": B, "seq": T, "steps": steps, "warmup": warmup, "params": n_params,
+        "batch": B, "seq": T, "steps": steps, "warmup": warmup, "params": n_params, "grad_ckpt": shape.grad_ckpt,
         "config": dataclasses.asdict(model.cfg) if ref else {k: getattr(model.config, k, None) for k in (
             "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "head_dim", "tie_word_embeddings", "rope_parameters", "_attn_implementation")},

@@ -25,6 +25,9 @@ What it does, and why:
   gradient checkpointing makes transformers (and PEFT) hook the embedding with `output.requires_grad_(True)`, which
   Dynamo cannot trace when the embedding is frozen (LoRA): 7 graph breaks and frames skipped to eager on a tiny
   LoRA Llama. NEFTune's noise hook keeps its eager semantics the same way. Same math, one lookup outside the graph.
+- Every training call runs inside `checkpointing.checkpoints_in_graph()`: with gradient checkpointing on, since
+  transformers 5.25 each checkpointed layer writes a global (the hub-kernels wrapper around attention), and Dynamo
+  would otherwise break the graph at every layer and run it eagerly, unfused (liger_fx/checkpointing.py).
 - Everything else (`num_items_in_batch`, attention masks, position ids) passes through to the model untouched;
   `num_items_in_batch` reaches the loss, which the fused op divides by.
 - Inside DistributedDataParallel's forward (the model applied to, then wrapped, or `apply(DDP(model))`), every call
@@ -46,7 +49,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import distributed
+from . import checkpointing, distributed
 from .config import LigerConfig
 from .models import is_encoder
 
@@ -162,6 +165,8 @@ def _make_forward(target: torch.nn.Module) -> Callable:
         with contextlib.ExitStack() as scope:
             if distributed.in_ddp_forward():  # DDP's buckets are cut after our rewrite, not through a fused site
                 scope.enter_context(distributed.split_after_rewrite())
+            if self.training and torch.is_grad_enabled():  # checkpointed layers stay in the graph, rewritten
+                scope.enter_context(checkpointing.checkpoints_in_graph())
             if skip and len(args) <= 1:  # a training step: let SDPA take its causal fast path when it may
                 mask = kwargs.get("attention_mask")
                 if isinstance(mask, torch.Tensor) and mask.dim() == 2 and bool(mask.all()):

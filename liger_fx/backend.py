@@ -43,7 +43,7 @@ from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicO
 from torch._dynamo.utils import counters, dynamo_timed
 from torch._inductor.compile_fx import compile_fx
 
-from . import causal_mask, distributed, grouped_sdpa, projections, rewrite
+from . import causal_mask, checkpointing, distributed, grouped_sdpa, projections, rewrite
 from .kernels.fused_linear_cross_entropy import reattach_logits_grad
 from .lazy_logits import lazy_logits
 from .patterns import linear_cross_entropy, swiglu
@@ -129,6 +129,7 @@ def liger_backend(gm: fx.GraphModule, example_inputs, options: dict | None = Non
             raise
         _commit(record)
         return compiled
+    checkpointing.warn_if_checkpoint_broke(record.index)  # checkpointed layers Dynamo left out of every graph
     ddp_caps = distributed.owned_split()  # DDP's whole graph, ours to cut after the rewrite (or None)
     if ddp_caps is not None:
         config = distributed.ddp_config(config)

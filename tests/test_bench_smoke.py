@@ -188,3 +188,25 @@ def test_reference_shapes_refuse_hf_variants():
     assert row["status"].startswith("unavailable: hf_hook is a Hugging Face variant"), row
     row = e2e.run_variant_inprocess("llama-1b", "liger_fx_nolazy", smoke=True, device="cpu", steps=1, warmup=1)
     assert row["status"].startswith("unavailable: liger_fx_nolazy is a reference-decoder variant"), row
+
+
+@cpu_only
+def test_smoke_checkpointed_shape(tmp_path):
+    """`--e2e llama-1b-ckpt`: the Llama-1B shape with HF gradient checkpointing on, for the GPU comparison of the
+    hook path against HF + liger-kernel with checkpointing on. On CPU: the layers are really checkpointed, the hook
+    path and a plain torch.compile(backend="liger") (inside checkpoints_in_graph, as the README says) fuse every
+    site of the tiny model (as without checkpointing), and their losses are eager's, checkpointed too."""
+    assert e2e.SHAPES["llama-1b-ckpt"].grad_ckpt and not e2e.SHAPES["llama-1b"].grad_ckpt
+    model = e2e.build_model(e2e.SHAPES["llama-1b-ckpt"], True, "cpu", torch.float32)
+    assert all(layer.gradient_checkpointing for layer in model.model.layers)
+    assert run.main(["--kernels", "none", "--e2e", "llama-1b-ckpt", "--variants", "hf_eager,hf_hook,liger_fx",
+                     "--smoke", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    rows = {r["variant"]: r for r in res["e2e"]}
+    every_site = {"rms_norm": 5, "rope": 4, "swiglu": 2, "fused_linear_cross_entropy": 1}
+    for v in ("hf_eager", "hf_hook", "liger_fx"):
+        assert rows[v]["status"] == "ok" and rows[v]["shape"] == "llama-1b-ckpt" and rows[v]["grad_ckpt"], rows[v]
+    for v in ("hf_hook", "liger_fx"):
+        assert {k: rows[v]["replaced"].get(k) for k in every_site} == every_site, rows[v]["replaced"]
+        assert rows[v]["max_loss_diff"] <= 1e-4 * abs(rows["hf_eager"]["final_loss"]), rows[v]
+    assert "llama-1b-ckpt: losses agree" in (tmp_path / "results.md").read_text()

@@ -183,9 +183,17 @@ def test_peft_lora_with_checkpointing(tmp_path):
     assert sum(counters["graph_break"].values()) == 0
 
 
+# Every site of the 2-layer mini Llama's training step: 2 norms a layer and the final one, q and k rotated a layer,
+# one MLP a layer, one loss.
+LLAMA_SITES = {"rms_norm": (5, 5), "rope": (4, 4), "swiglu": (2, 2), "fused_linear_cross_entropy": (1, 1)}
+
+
 def test_gradient_checkpointing(tmp_path):
-    """train() turns checkpointing on after the hook; the non-reentrant checkpoint is what Dynamo captures, and its
-    layers are inlined with recompute tags, so they are rewritten too (no fallback, no near miss)."""
+    """train() turns checkpointing on after the hook (TRL's SFTConfig does by default); the non-reentrant checkpoint
+    is what Dynamo captures, and its layers are inlined with recompute tags, so they are rewritten too: every site
+    of every compiled step graph, as without checkpointing. On transformers 5.25 each checkpointed attention writes
+    a global (the hub-kernels wrapper), which needs the hook's checkpoints_in_graph() scope: without it the step
+    fused the final norm and the loss only."""
     ref = run(tmp_path, False, model=llama(), gradient_checkpointing=True)
     ours = run(tmp_path, True, model=llama(), gradient_checkpointing=True)
     layers = ours.model.model.layers
@@ -193,6 +201,9 @@ def test_gradient_checkpointing(tmp_path):
     assert_same_training(ours, ref)
     assert_every_family_replaced()
     assert sum(counters["graph_break"].values()) == 0
+    records = liger_fx.get_records()
+    for rec in records:
+        assert {k: v for k, v in rec.counts().items() if k in LLAMA_SITES} == LLAMA_SITES, rec.summary()
 
 
 def test_bad_key_fails_at_start(tmp_path):
@@ -239,3 +250,63 @@ def test_choice_between_liger_fx_and_liger_kernel(monkeypatch):
     from transformers.utils import import_utils
 
     assert hf_liger.is_liger_kernel_available is import_utils.is_liger_kernel_available
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torch_compile_backend="liger": the HF way to name a backend. accelerate knows only its own enum of backends.
+
+
+def test_torch_compile_backend_liger_compiles_once_with_the_hook(tmp_path):
+    """With the hook imported, `torch_compile_backend="liger"` trains through the hook (as use_liger_kernel=True)
+    and accelerate compiles nothing: the model is no torch.compile wrapper, every family is replaced, the training
+    equals eager's. Alone and beside use_liger_kernel=True (before: ValueError "'LIGER' is not a valid
+    DynamoBackend" at Trainer init)."""
+    from accelerate.utils import is_compiled_module
+
+    ref = run(tmp_path, False, model=llama())
+    for use_liger_kernel in (False, True):
+        torch._dynamo.reset()  # else the second run reuses the first one's compiled code: nothing to record
+        liger_fx.clear_records()
+        counters.clear()
+        ours = run(tmp_path, use_liger_kernel, model=llama(), torch_compile_backend="liger")
+        assert ours.args.torch_compile_backend == "liger" and ours.args.use_liger_kernel
+        assert api.is_applied(ours.model)
+        assert not is_compiled_module(ours.model_wrapped) and not is_compiled_module(ours.model)
+        assert_same_training(ours, ref)
+        assert_every_family_replaced()
+        records = liger_fx.get_records()
+        assert all({k: v for k, v in r.counts().items() if k in LLAMA_SITES} == LLAMA_SITES for r in records)
+
+
+def test_torch_compile_backend_liger_carries_the_mode(tmp_path):
+    trainer = RecordingTrainer(model=llama(), train_dataset=dataset(), args=make_args(
+        tmp_path, False, torch_compile_backend="liger", torch_compile_mode="max-autotune",
+        liger_kernel_config={"rope": False}))
+    assert trainer.args.use_liger_kernel and trainer.args.liger_kernel_config == {"rope": False, "mode": "max-autotune"}
+    assert trainer.accelerator.state.dynamo_plugin.backend.value == "NO"
+    model = llama()
+    hook.apply_liger_kernel(model, trainer.args.liger_kernel_config)
+    assert model._liger_fx.compile_kwargs["mode"] == "max-autotune" and model._liger_fx.flags == {"rope": False}
+
+
+def test_torch_compile_backend_liger_without_liger_fx_says_what_to_write(tmp_path, monkeypatch):
+    """LIGER_FX_TRAINER=liger_kernel routes use_liger_kernel=True to liger-kernel: a backend named liger is then
+    refused at Trainer init, with what to write instead."""
+    monkeypatch.setenv(hook.ENV, "liger_kernel")
+    hook.install()
+    try:
+        with pytest.raises(ValueError, match=f"Unset {hook.ENV}.*use_liger_kernel=True without torch_compile_backend"):
+            RecordingTrainer(model=llama(), train_dataset=dataset(),
+                             args=make_args(tmp_path, False, torch_compile_backend="liger"))
+    finally:
+        monkeypatch.delenv(hook.ENV)
+        hook.install()
+
+
+def test_torch_compile_beside_use_liger_kernel_warns(tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="liger_fx"):
+        RecordingTrainer(model=llama(), train_dataset=dataset(),
+                         args=make_args(tmp_path, True, torch_compile=True))
+    assert any("torch_compile_backend='liger'" in r.getMessage() for r in caplog.records)

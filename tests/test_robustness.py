@@ -2,6 +2,7 @@
 changing sequence lengths, batch 1 and sequence length 1, generation, gradient checkpointing. Each on the tiny
 Llama (hidden 64, 1 or 2 layers), against eager."""
 
+import contextlib
 import copy
 import functools
 import itertools
@@ -13,6 +14,7 @@ from torch._dynamo.utils import counters
 
 import liger_fx
 from liger_fx import backend
+from liger_fx.checkpointing import checkpoints_in_graph
 from liger_fx.config import LigerConfig
 from liger_fx.models import mini_model
 from tests.helpers import batch, train_step
@@ -276,7 +278,10 @@ def test_gradient_checkpointing_same_counters_and_training_as_without(via):
     """Same replacements with checkpointing on as off, and training equal to eager. Through `torch.compile(model)`
     transformers' `use_cache=True is incompatible with gradient checkpointing` warning_once is a graph break
     (Dynamo does not trace logging.Logger methods): the model is cut before its lm_head into 2 graphs, and the
-    counters still agree. `liger_fx.apply` defaults use_cache=False in training and keeps one graph."""
+    counters still agree. `liger_fx.apply` defaults use_cache=False in training and keeps one graph.
+    With transformers 5.25 each checkpointed layer writes a global (the hub-kernels wrapper around attention), which
+    Dynamo refuses inside a checkpoint: `liger_fx.apply` enters `checkpoints_in_graph()` by itself, a plain
+    `torch.compile` caller around the step (without it: 1 of 5 norms fused, 6 graph breaks)."""
     model = mini_model("llama")
     ids, labels = batch(model.config.vocab_size)
     seen, breaks = {}, {}
@@ -288,7 +293,9 @@ def test_gradient_checkpointing_same_counters_and_training_as_without(via):
         torch._dynamo.reset()
         counters.clear()
         liger_fx.clear_records()
-        _assert_trains_like_eager(m, _COMPILERS[via], ids, labels)
+        scope = checkpoints_in_graph() if via == "torch_compile" else contextlib.nullcontext()
+        with scope:
+            _assert_trains_like_eager(m, _COMPILERS[via], ids, labels)
         seen[ckpt] = (_liger_counts(), len(liger_fx.get_records()))
         breaks[ckpt] = list(counters["graph_break"])
         assert not any(r.fallback or r.misses for r in liger_fx.get_records())
