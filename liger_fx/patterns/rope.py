@@ -683,7 +683,7 @@ def _explain_complex(mul: fx.Node) -> str:
         reason = _split_reason(src, halves[0], halves[1])
         if reason:
             return reason
-        if ka in _PAIR_SPLITS or ka == "strided":
+        if ka in _PAIR_SPLITS:
             return f"complex numbers packed from x's {ka} parts, not its halves"
         if ka == "slice":
             width, h = _val(src).shape[-1], ib

@@ -691,6 +691,8 @@ class HalvesGuarded(nn.Module):
             xc = torch.view_as_complex(torch.stack((q[..., :4], q[..., 2:6]), -1))
         elif self.case == "two_tensors":  # real part from q, imaginary part from k
             xc = torch.view_as_complex(torch.stack((q[..., :4], k[..., 4:]), -1))
+        elif self.case == "strided":  # the even and odd channels stacked: pairs, in a spelling no pattern has
+            xc = torch.view_as_complex(torch.stack((q[..., 0::2], q[..., 1::2]), -1))
         else:
             xc = torch.view_as_complex(torch.stack(q.chunk(2, -1), -1))
         r = torch.view_as_real(xc * f)
@@ -702,6 +704,7 @@ class HalvesGuarded(nn.Module):
 @pytest.mark.parametrize("case, reason", [
     ("not_halves", "the complex numbers pack x[..., 0:..] and x[..., 2:] of width 8: not its halves"),
     ("two_tensors", "the real and imaginary parts packed as complex are parts of two different tensors"),
+    ("strided", "complex numbers packed from x's strided parts, not its halves"),
     ("pairs_out", "view_as_real(x * freqs_cis) is not joined back into halves"),
 ])
 def test_complex_halves_that_cannot_be_fused_are_near_misses_with_reasons(case, reason):
