@@ -388,7 +388,7 @@ def _meta_rope(xq, xk, freqs_cis):
 
 
 def _unbind_view_rope(q, k, cos, sin):
-    """rotate-half through a view and unbind (lit-gpt's, OLMo's): x1, x2 = x.view(..., 2, d // 2).unbind(-2)."""
+    """rotate-half through a view and unbind (OLMo's `x.view(B, nh, T, 2, hs // 2).unbind(dim=-2)`)."""
     def rot(x):
         d = x.shape[-1]
         x1, x2 = x.view(*x.shape[:-1], 2, d // 2).unbind(-2)
@@ -529,6 +529,24 @@ def test_every_form_fuses_at_a_dynamic_sequence_length(form):
     records = liger_fx.get_records()
     assert len(records) == 2, [r.summary() for r in records]
     assert all(r.counts().get("rope") == (2, 2) for r in records), [r.summary() for r in records]
+
+
+@pytest.mark.parametrize("form", ["unbind_view", "complex_halves", "complex_halves_select", "complex_meta"])
+def test_new_forms_fuse_under_dynamic_true(form):
+    """`dynamic=True`: one symbolic graph serves both lengths, both rotations fused in it, forward and x's grad equal
+    eager's."""
+    torch.manual_seed(0)
+    m = FormFront(form, rotary_dim=8)
+    fn = torch.compile(copy.deepcopy(m), backend="liger", dynamic=True)
+    for t in (5, 9):
+        x = torch.randn(2, t, 32)
+        xr, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ref, out = m(xr), fn(xc)
+        ref.backward(), out.backward()
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(xc.grad, xr.grad, atol=1e-5, rtol=1e-4)
+    (record,) = liger_fx.get_records()
+    assert record.counts().get("rope") == (2, 2), record.summary()
 
 
 MLA_FORMS = {"deepseek_v3": FORMS2["deepseek_v3"][:2], "complex_hf": FORMS2["complex_hf"][:2],
