@@ -196,18 +196,78 @@ def _cast_target_dtype(node: fx.Node):
     return out.dtype
 
 
+_ENTER_AUTOCAST = torch.amp.autocast_mode._enter_autocast
+_EXIT_AUTOCAST = torch.amp.autocast_mode._exit_autocast
+_RELATIVE_CASTS = {aten.type_as.default, aten.to.other}  # the dtype comes from a second tensor
+
+
+def _sets_dtype(node: fx.Node) -> bool:
+    """Whether a cast names its result's dtype itself (`x.to(torch.float32)`, `_to_copy(x, dtype=...)`)."""
+    if node.target is aten.to.dtype:
+        return True
+    return node.target in (aten.to.dtype_layout, aten._to_copy.default) and node.kwargs.get("dtype") is not None
+
+
+def autocast_dtype_unknown(graph: fx.Graph) -> set[fx.Node]:
+    """The nodes whose traced dtype may not be the dtype they have at run time, because of autocast regions entered
+    inside the graph.
+
+    Pre-dispatch tracing records `_enter_autocast`/`_exit_autocast` but does not apply autocast (it runs above the
+    Autocast dispatch key), so a linear inside an enabled region reads fp32 here and runs in bf16. Such a value, and
+    anything computed from it without an explicit cast, has an unknown dtype. Inside a region that DISABLES autocast
+    for the node's device (the innermost region for that device decides, `torch.autocast(dev, enabled=False)`: the
+    RMSNorm bodies of OLMo-style trainers) ops run in the dtypes of their inputs, as traced: a value there is
+    unknown only if an input is. A cast that names its dtype (`.float()`, `.to(torch.bfloat16)`) is known wherever it
+    is (autocast never changes a cast), so the explicit upcast at the top of a norm makes the rest of its body known.
+    """
+    regions: list[tuple[str, bool]] = []  # (device type, enabled), innermost last
+    unknown: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target is _ENTER_AUTOCAST:
+            enabled = node.args[2] if len(node.args) > 2 and node.args[2] is not None else True
+            regions.append((node.args[0], bool(enabled)))
+            continue
+        if node.target is _EXIT_AUTOCAST:
+            if regions:
+                regions.pop()
+            continue
+        v = _val(node)
+        outs = v if isinstance(v, (tuple, list)) else (v,)
+        first = next((t for t in outs if isinstance(t, torch.Tensor)), None)  # the device the node runs on
+        if node.target in _CASTS and _sets_dtype(node):
+            continue
+        if node.target in _CASTS and node.target not in _RELATIVE_CASTS:  # `_to_copy` without a dtype: x's dtype
+            if node.args[0] in unknown:
+                unknown.add(node)
+            continue
+        if any(a in unknown for a in node.all_input_nodes):
+            unknown.add(node)
+        elif first is not None and node.target not in _RELATIVE_CASTS:
+            state = next((enabled for dev, enabled in reversed(regions) if dev == first.device.type), False)
+            if state:
+                unknown.add(node)
+    return unknown
+
+
 def normalize_casts(graph: fx.Graph) -> None:
     """Every dtype-only cast becomes `aten.to.dtype`; a cast to the dtype a tensor already has disappears.
 
     The second matters most: in an fp32 model `x.to(torch.float32)` returns x itself, so the tracer hands the cast node
     to every later use of x (the residual add too); the cast then has users outside the RMSNorm and the match is
     refused. Seen on a tiny fp32 Llama: 1 of 5 norms matched before this pass, 5 of 5 after.
+
+    Under autocast entered inside the graph a cast that looks like a no-op may be real: the linear in an enabled
+    region reads fp32 here but runs in bf16 (seen: `.float()` of autocast logits dropped, loss 4.125 vs eager
+    4.1126). Such casts of a value whose dtype is not known (`autocast_dtype_unknown`) are kept, marked
+    `meta["autocast_kept"]` for the near-miss reasons; every other no-op cast goes, inside a region with autocast
+    disabled too. Before, any autocast in the graph kept every cast: an RMSNorm body written inside
+    `torch.autocast(dev, enabled=False)` kept `weight.type_as(x)`, which read x as a second use of the normalized
+    tensor, and never fused.
     """
-    # Autocast entered inside the graph: the traced dtypes are those without autocast (a linear in the region reads
-    # fp32 here but runs in bf16), so a cast that looks like a no-op may be real. Seen: `.float()` of autocast
-    # logits dropped, loss 4.125 vs eager 4.1126. Keep every cast then; patterns that need them gone report misses.
-    keep_noop = any(n.op == "call_function" and n.target is torch.amp.autocast_mode._enter_autocast
-                    for n in graph.nodes)
+    unknown = autocast_dtype_unknown(graph) if any(
+        n.op == "call_function" and n.target is _ENTER_AUTOCAST for n in graph.nodes) else set()
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target not in _CASTS:
             continue
@@ -216,12 +276,83 @@ def normalize_casts(graph: fx.Graph) -> None:
             continue
         src = node.args[0]
         if _val(src).dtype == dtype:
-            if keep_noop:
+            if src in unknown or (node.target in _RELATIVE_CASTS and node.args[1] in unknown):
+                node.meta["autocast_kept"] = True
+                if node.target is not aten.to.dtype or len(node.args) != 2 or node.kwargs:
+                    _replace(graph, node, aten.to.dtype, (src, dtype)).meta["autocast_kept"] = True
                 continue
             node.replace_all_uses_with(src)
             graph.erase_node(node)
         elif node.target is not aten.to.dtype or len(node.args) != 2 or node.kwargs:
             _replace(graph, node, aten.to.dtype, (src, dtype))
+
+
+def expand_rms_norm(graph: fx.Graph) -> None:
+    """torch's own RMSNorm (`nn.RMSNorm`, `F.rms_norm`, `torch.rms_norm`) written out as the ops it computes, so that
+    the RMSNorm patterns see it as they see a hand-written norm:
+
+        xf = x.to(float32); y = xf * rsqrt(mean(xf^2, -1, keepdim=True) + eps); y = y * w.to(float32); y.to(x.dtype)
+
+    What it lowers to depends on the tracer and the device. `aten.rms_norm` is CompositeImplicitAutograd; its
+    composite calls `aten._fused_rms_norm` (torch 2.13's native_functions.yaml: CUDA, XPU and MPS kernels, and the
+    same composite elsewhere; a weight of another dtype than x's takes the composite everywhere). Pre-dispatch
+    tracing, ours, runs no CompositeImplicit decomposition (proxy_tensor's proxy_call skips it when pre_dispatch, as
+    since torch 2.1, so on 2.11 too), so our graphs hold `aten.rms_norm` on every device: checked on torch 2.13
+    with fake CPU and CUDA tensors. A graph traced below autograd holds `_fused_rms_norm` on CUDA (output 0 the
+    result, output 1 the rstd) and the composite's ops on the CPU, which are a hand-written norm already. Both ops
+    get this expansion; their semantics, the composite's and the CUDA kernel's alike: the weight multiplies in fp32
+    (a bf16 weight upcast first: exact, as promotion does it), one rounding to x's dtype; eps=None is the
+    computation dtype's machine epsilon (fp32's for fp32, bf16 and fp16 inputs). A norm over several trailing dims
+    is expanded too, so that its near miss says which dims it reduces. The rstd output of `_fused_rms_norm`, where
+    used, becomes the rsqrt node (the pattern then refuses it: it escapes)."""
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target is aten.rms_norm.default:
+            result, rstd_users = node, []
+        elif node.target is aten._fused_rms_norm.default:
+            gets = list(node.users)
+            if not all(g.target is operator.getitem for g in gets):
+                continue
+            result = next((g for g in gets if g.args[1] == 0), None)
+            rstd_users = [g for g in gets if g.args[1] == 1]
+        else:
+            continue
+        args = list(node.args) + [None] * (4 - len(node.args))
+        x, shape = args[0], args[1]
+        w = args[2] if args[2] is not None else node.kwargs.get("weight")
+        eps = args[3] if args[3] is not None else node.kwargs.get("eps")
+        xv = _val(x)
+        if not isinstance(xv, torch.Tensor) or not xv.is_floating_point() or not shape or len(shape) > xv.dim():
+            continue
+        opmath = torch.float64 if xv.dtype == torch.float64 else torch.float32
+        if eps is None:
+            eps = torch.finfo(opmath).eps
+        dims = [-i - 1 for i in reversed(range(len(shape)))]
+
+        def add(target, *a):
+            with graph.inserting_before(node):
+                new = graph.call_function(target, tuple(a))
+            new.meta = dict(node.meta)
+            new.meta["val"] = fake_value(target, a)
+            return new
+
+        xf = add(aten.to.dtype, x, opmath) if xv.dtype != opmath else x
+        rstd = add(aten.rsqrt.default, add(aten.add.Tensor, add(aten.mean.dim, add(aten.pow.Tensor_Scalar, xf, 2),
+                                                                    dims, True), eps))
+        y = add(aten.mul.Tensor, xf, rstd)
+        if w is not None:
+            wv = _val(w)
+            wf = add(aten.to.dtype, w, opmath) if wv.dtype in (torch.bfloat16, torch.float16) else w
+            y = add(aten.mul.Tensor, y, wf)
+        if _val(y).dtype != xv.dtype:
+            y = add(aten.to.dtype, y, xv.dtype)
+        for old, new in [(result, y)] + [(g, rstd) for g in rstd_users]:
+            if old is not None:
+                old.replace_all_uses_with(new)
+                if old is not node:
+                    graph.erase_node(old)
+        graph.erase_node(node)
 
 
 def normalize_arithmetic(graph: fx.Graph) -> None:
@@ -365,6 +496,13 @@ def normalize_pair_views(graph: fx.Graph) -> None:
             if not unbind.users:
                 graph.erase_node(unbind)
             continue
+        if (node.target in (aten.squeeze.dim, aten.squeeze.dims) and isinstance(_val(node.args[0]), torch.Tensor)
+                and _val(node.args[0]).dim() >= 4 and same_sizes(_val(node.args[0]).shape[-1:], (1,))
+                and node.args[1] in (-1, [-1], (-1,), _val(node.args[0]).dim() - 1, [_val(node.args[0]).dim() - 1])):
+            # `.squeeze(-1)` of a trailing 1 merges it as `flatten(-2, -1)` does (complex RoPE on halves writes
+            # its result as cat(chunk(view_as_real(.), 2, -1), -2), of shape (..., D, 1))
+            _replace(graph, node, aten.flatten.using_ints, (node.args[0], -2, -1))
+            continue
         if node.target not in _RESHAPES:
             continue
         src, out = _val(node.args[0]), _val(node)
@@ -374,8 +512,39 @@ def normalize_pair_views(graph: fx.Graph) -> None:
                 and same_sizes(out.shape[-1:], (2,)) and node.args[1:] != (-1, [-1, 2])):
             _replace(graph, node, aten.unflatten.int, (node.args[0], -1, [-1, 2]))
         elif (src.dim() >= 4 and out.dim() == src.dim() - 1 and same_sizes(out.shape[:-1], src.shape[:-2])  # merges
-              and same_sizes(src.shape[-1:], (2,)) and node.args[1:] != (-2, -1)):
+              and (same_sizes(src.shape[-1:], (2,)) or same_sizes(src.shape[-1:], (1,)))
+              and node.args[1:] != (-2, -1)):
             _replace(graph, node, aten.flatten.using_ints, (node.args[0], -2, -1))
+
+
+_END = 2**63 - 1  # the end tracing gives an open slice `x[..., h:]`
+
+
+def normalize_half_views(graph: fx.Graph) -> None:
+    """`x.view(*x.shape[:-1], 2, h).unbind(-2)` (or a reshape/unflatten into (2, h) and `[..., i, :]`) is x's two
+    halves: each part becomes the slice `x[..., :h]` or `x[..., h:]` that HF's rotate_half writes, the same view
+    (same storage offset, sizes and strides). Why: a rotate-half spelled so reads the halves through a view whose
+    sizes hold the batch and sequence length, which no pattern can spell; as slices the halves patterns match it.
+    Runs after normalize_pair_views, which makes unbind's parts selects."""
+    for node in list(graph.nodes):
+        if not _is(node, aten.select.int):
+            continue
+        view, dim, index = node.args[0], node.args[1], node.args[2]
+        if not (isinstance(view, fx.Node) and view.op == "call_function"
+                and (view.target in _RESHAPES or view.target is aten.unflatten.int)):
+            continue
+        src, out = _val(view.args[0]), _val(view)
+        if not isinstance(src, torch.Tensor) or not isinstance(out, torch.Tensor) or out.dim() != src.dim() + 1:
+            continue
+        h = out.shape[-1]
+        if (dim % out.dim() != out.dim() - 2 or not same_sizes(out.shape[:-2], src.shape[:-1])
+                or not same_sizes(out.shape[-2:-1], (2,)) or not isinstance(h, int) or src.shape[-1] != 2 * h
+                or index not in (0, 1, -1, -2)):
+            continue
+        first = index in (0, -2)
+        _replace(graph, node, aten.slice.Tensor, (view.args[0], -1, 0 if first else h, h if first else _END))
+        if not view.users:
+            graph.erase_node(view)
 
 
 def drop_full_slices(graph: fx.Graph) -> None:
@@ -415,11 +584,13 @@ def dedupe_selects(graph: fx.Graph) -> None:
 
 
 def canonicalize(graph: fx.Graph) -> None:
+    expand_rms_norm(graph)
     normalize_casts(graph)
     normalize_arithmetic(graph)
     normalize_linear(graph)
     drop_full_slices(graph)
     normalize_pair_views(graph)  # before normalize_dims: the selects it makes take unbind's dim as written
+    normalize_half_views(graph)
     normalize_dims(graph)
     dedupe_selects(graph)  # after normalize_dims: x[..., 0] and x[:, :, :, 0] are one view
     graph.eliminate_dead_code()

@@ -15,7 +15,8 @@ from typing import Any, Mapping
 @dataclass(frozen=True)
 class LigerConfig:
     rms_norm: bool = True
-    """Fuse RMSNorm (Llama and Gemma casting, q/k norms) into `liger_fx::rms_norm`."""
+    """Fuse RMSNorm (Llama and Gemma casting, q/k norms, torch's own nn.RMSNorm / F.rms_norm, norms without a
+    weight) into `liger_fx::rms_norm`."""
 
     rope: bool = True
     """Fuse the rotary embedding of q and k (rotate-half, interleaved pairs, half-width tables, complex freqs_cis)

@@ -221,3 +221,49 @@ def test_swiglu_linear_writes_h_into_the_gradient_buffer():
     for (name, p), p32, pe in zip(model.named_parameters(), ref32.parameters(), eager.parameters()):
         err, torch_err = (p.grad.float() - p32.grad).norm(), (pe.grad.float() - p32.grad).norm()
         assert err <= 2 * torch_err + eps * p32.grad.norm(), f"{name}: {err:.3g} vs torch {torch_err:.3g}"
+
+
+@pytest.mark.parametrize("form", ["nn", "nn_noaffine", "functional", "llama4", "dsv4", "autocast_off", "qk_heads"])
+def test_native_rms_norm_forms_launch_the_kernels(form):
+    """torch's own nn.RMSNorm / F.rms_norm (on CUDA its composite dispatches to `aten._fused_rms_norm`; pre-dispatch
+    tracing keeps `aten.rms_norm`), and the norms without a weight (the kernels' HAS_WEIGHT=False path, whose
+    backward is `rms_norm_backward_dx`): every norm fused, Inductor launching both kernels itself, the loss within
+    the tolerance rule of the fp32 module's and the input's and every parameter's gradient too, by norm (as
+    test_dynamic_true_fuses_every_site...: per element, a bf16 step's gradients test the noise of single elements)."""
+    import copy
+
+    from torch._inductor.utils import run_and_get_code
+
+    from tests.patterns.test_rms_norm import NORM_FORMS, NormFront
+
+    torch.manual_seed(0)
+    ref32 = NormFront(form, hidden=512, heads=8).cuda()
+    model, eager = copy.deepcopy(ref32).bfloat16(), copy.deepcopy(ref32).bfloat16()
+    x = torch.randn(4, 256, 512, device="cuda").bfloat16()
+    fn = torch.compile(model, backend="liger")
+    results = []
+    for m, compiled in ((ref32, False), (eager, False), (fn, True)):
+        xi = (x.float() if m is ref32 else x).clone().requires_grad_()
+
+        def step(m=m, xi=xi):
+            loss = m(xi)
+            loss.backward()
+            return loss
+
+        if compiled:
+            loss, codes = run_and_get_code(step)
+        else:
+            loss = step()
+        params = list((model if compiled else m).parameters())
+        results.append([loss.detach(), xi.grad] + [p.grad for p in params])
+    assert counters["liger_fx"]["rms_norm"] == NORM_FORMS[form], dict(counters["liger_fx"])
+    code = "\n".join(codes)
+    if not OPAQUE:
+        assert "_rms_norm_fwd_kernel" in code and "_rms_norm_bwd_kernel" in code, form
+        assert "torch.ops.liger_fx.rms_norm" not in code
+    (ref, *ref_grads), (same, *same_grads), (loss, *grads) = results
+    assert_close_rule(loss, ref, same, atol=torch.finfo(torch.bfloat16).eps * ref.abs().item(), name=f"{form} loss")
+    for i, (r, t, o) in enumerate(zip(ref_grads, same_grads, grads)):
+        err, torch_err = (o.float() - r).norm(), (t.float() - r).norm()
+        bound = 2 * torch_err + torch.finfo(torch.bfloat16).eps * r.norm()
+        assert err <= bound, f"{form} grad {i}: |ours - fp32| {err:.3g} > {bound:.3g} (torch bf16: {torch_err:.3g})"

@@ -6,12 +6,17 @@ even/odd channels (x[..., 0::2], x[..., 1::2]; GPT-J, GLM, Cohere, DeepSeek, Met
                halves: rot(x) = cat(-x2, x1)                HF's rotate_half (or x.chunk(2, -1))
                pairs:  rot(x) = stack((-x2, x1), -1).flatten(-2)   GPT-J's rotate_every_two, tables repeat_interleave'd
                        (or x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1), as einops' rearrange writes it)
+               halves through a view: x1, x2 = x.view(*x.shape[:-1], 2, d // 2).unbind(-2) (canonicalize makes
+                       the parts the slices x[..., :h], x[..., h:]; lit-gpt's and OLMo-style rotate_half)
     join     join(x1*cos - x2*sin, x2*cos + x1*sin)        half-width tables; join = cat (halves out) or
                                                            stack(..).flatten(-2) (pairs out). DeepSeek-V3's HF
                                                            `apply_rotary_pos_emb_interleave` reads pairs, writes halves;
                                                            ChatGLM reads and writes pairs
     complex  view_as_real(view_as_complex(x.unflatten(-1, (-1, 2))) * freqs_cis).flatten(-2)
                                                            Meta's Llama, torchtitan, HF DeepSeek-V2 (pairs in and out)
+             or on the halves packed as complex (halves in and out): view_as_complex(stack((x1, x2), -1)) or
+             torch.complex(x1, x2), times freqs_cis, back by cat(chunk(view_as_real(.), 2, -1), -2).flatten(-2)
+             (or .squeeze(-1), .view(x.shape)) or cat((r[..., 0], r[..., 1]), -1)
     upcast (ESM, Evolla):  (x.float() * cos + rotate_half(x.float()) * sin).to(x.dtype)
 
 Each form is one search function; its variants come from a loop over (form, split, join, upcast), and each becomes
@@ -76,10 +81,16 @@ class _Form:
     """The result's layout: "halves" (cat) or "pairs" (stack + flatten)."""
     upcast: str = "none"
     """"each": x.float() at each use, as ESM writes it."""
+    pack: str = ""
+    """Complex form on halves: how they become complex numbers, "stack" (view_as_complex(stack((x1, x2), -1))) or
+    "complex" (torch.complex(x1, x2))."""
+    unpack: str = ""
+    """Complex form on halves: how the product's real view r becomes halves again, "chunk"
+    (cat(chunk(r, 2, -1), -2).flatten(-2)) or "select" (cat((r[..., 0], r[..., 1]), -1))."""
 
     @property
     def x_pairs(self) -> bool:
-        return self.split in _PAIR_SPLITS or self.form == "complex"
+        return self.split in _PAIR_SPLITS or self.split == "complex"
 
     @property
     def y_pairs(self) -> bool:
@@ -91,7 +102,10 @@ class _Form:
 
     @property
     def name(self) -> str:
-        parts = [self.form] if self.form == "complex" else [self.form, self.split, self.join]
+        if self.form == "complex":
+            parts = [self.form] if self.split == "complex" else [self.form, self.split, self.pack, self.unpack]
+        else:
+            parts = [self.form, self.split, self.join]
         return "rope/" + "/".join(parts + ([self.upcast] if self.upcast != "none" else []))
 
 
@@ -102,6 +116,8 @@ def forms() -> list[_Form]:
            for s in _SPLITS for u in (("none",) if s in _PAIR_SPLITS else ("none", "each"))]
     out += [_Form("join", s, j) for s, j in itertools.product(_SPLITS, ("halves", "pairs"))]
     out.append(_Form("complex", "complex", "pairs"))
+    out += [_Form("complex", s, "halves", pack=p, unpack=u)
+            for s, p, u in itertools.product(("slice", "chunk"), ("stack", "complex"), ("chunk", "select"))]
     return out
 
 
@@ -123,8 +139,15 @@ def _join(a, b, layout):
 def _rotation(f: _Form, a: dict):
     """The search body: the rotation as the model writes it, from the named arguments."""
     x = a["x"]
-    if f.form == "complex":
+    if f.form == "complex" and f.split == "complex":
         return torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))) * a["freqs"]).flatten(-2)
+    if f.form == "complex":
+        x1, x2 = _split(x, f.split, a.get("half"))
+        xc = torch.complex(x1, x2) if f.pack == "complex" else torch.view_as_complex(torch.stack((x1, x2), -1))
+        r = torch.view_as_real(xc * a["freqs"])
+        if f.unpack == "chunk":
+            return torch.cat(r.chunk(2, -1), -2).flatten(-2)
+        return torch.cat((r[..., 0], r[..., 1]), -1)
     cos, sin = a["cos"], a["sin"]
     if f.form == "rotate":
         xc, xr = (x.to(torch.float32), x.to(torch.float32)) if f.upcast == "each" else (x, x)
@@ -143,7 +166,7 @@ def _widen(t, pairs: bool):
 def _full_tables(f: _Form, a: dict):
     if f.form == "complex":
         r = torch.view_as_real(a["freqs"])
-        return _widen(r[..., 0], True), _widen(r[..., 1], True)
+        return _widen(r[..., 0], f.y_pairs), _widen(r[..., 1], f.y_pairs)
     if f.form == "join":
         return _widen(a["cos"], f.y_pairs), _widen(a["sin"], f.y_pairs)
     return a["cos"], a["sin"]
@@ -521,8 +544,12 @@ def _rotated_parts(node):
     return j if any(p[0] is q[0] and p[1:] != q[1:] for p in parts for q in parts) else None
 
 
+def _to_complex(node) -> bool:
+    return _is(node, aten.view_as_complex.default) or _is(node, aten.complex.default)
+
+
 def _complex_product(node) -> bool:
-    return _is(node, aten.mul.Tensor) and any(_is(a, aten.view_as_complex.default) for a in node.args)
+    return _is(node, aten.mul.Tensor) and any(_to_complex(a) for a in node.args)
 
 
 def _kind(node) -> str | None:
@@ -610,17 +637,70 @@ def _explain_join(node: fx.Node) -> str:
     return reason or "an intermediate of the rotation is used outside it"
 
 
+def _packed_halves(vc: fx.Node):
+    """(x1 part, x2 part) when vc packs two parts of a tensor as complex numbers: view_as_complex(stack((x1, x2),
+    -1)) or torch.complex(x1, x2); else None."""
+    if _is(vc, aten.complex.default):
+        a, b = vc.args[:2]
+    else:
+        st = vc.args[0]
+        if not (_is(st, aten.stack.default) and (st.args[1] if len(st.args) > 1 else 0) == -1
+                and len(st.args[0]) == 2):
+            return None
+        a, b = st.args[0]
+    pa, pb = _part(a), _part(b)
+    return (pa, pb) if pa is not None and pb is not None else None
+
+
+def _joined_halves(real: fx.Node) -> bool:
+    """Whether view_as_real's result r is made halves again by its one use: cat(chunk(r, 2, -1), -2) merged back
+    (flatten(-2, -1)), or cat((r[..., 0], r[..., 1]), -1)."""
+    users = list(real.users)
+    if len(users) == 1 and _is(users[0], aten.chunk.default) and tuple(users[0].args[1:]) == (2, -1):
+        gets = list(users[0].users)
+        cats = {u for g in gets for u in g.users}
+        if len(cats) != 1:
+            return False
+        cat = next(iter(cats))
+        return (_is(cat, aten.cat.default) and (cat.args[1] if len(cat.args) > 1 else 0) == -2
+                and len(cat.users) == 1 and _is(next(iter(cat.users)), aten.flatten.using_ints))
+    cats = {u for s in users for u in s.users}
+    return (len(users) == 2 and all(_is(s, aten.select.int) and s.args[1] == -1 for s in users)
+            and len(cats) == 1 and _joined(next(iter(cats))) is not None)
+
+
 def _explain_complex(mul: fx.Node) -> str:
-    vc = next(a for a in mul.args if _is(a, aten.view_as_complex.default))
+    vc = next(a for a in mul.args if _to_complex(a))
     if mul.args[0] is not vc:
         return "operands in an order the patterns do not cover (freqs_cis * view_as_complex(x))"
     u = vc.args[0]
-    if not _is(u, aten.unflatten.int) or tuple(u.args[1:]) != (-1, [-1, 2]):
-        return "view_as_complex of something other than x's pairs of the last dim (x.unflatten(-1, (-1, 2)))"
+    halves = _packed_halves(vc)
+    pairs = _is(vc, aten.view_as_complex.default) and _is(u, aten.unflatten.int) and tuple(u.args[1:]) == (-1, [-1, 2])
+    if halves is not None:
+        (src, ka, ia), (src2, kb, ib) = halves
+        if src is not src2:
+            return "the real and imaginary parts packed as complex are parts of two different tensors"
+        reason = _split_reason(src, halves[0], halves[1])
+        if reason:
+            return reason
+        if ka in _PAIR_SPLITS:
+            return f"complex numbers packed from x's {ka} parts, not its halves"
+        if ka == "slice":
+            width, h = _val(src).shape[-1], ib
+            if ia != 0 or 2 * h != width:
+                return f"the complex numbers pack x[..., {ia}:..] and x[..., {ib}:] of width {width}: not its halves"
+    elif not pairs:
+        return ("view_as_complex of something other than x's pairs of the last dim (x.unflatten(-1, (-1, 2))) or "
+                "its two halves stacked (stack(x.chunk(2, -1), -1))")
     users = list(mul.users)
     if len(users) != 1 or not _is(users[0], aten.view_as_real.default):
         return "the complex product is not viewed back as real (or is used elsewhere)"
     real = users[0]
+    if halves is not None:
+        if not _joined_halves(real):
+            return ("view_as_real(x * freqs_cis) is not joined back into halves (cat(chunk(., 2, -1), -2) or "
+                    "cat((r[..., 0], r[..., 1]), -1)), or a part is used elsewhere")
+        return "an intermediate of the rotation is used outside it"
     if len(real.users) != 1 or not _is(next(iter(real.users)), aten.flatten.using_ints):
         return "view_as_real(x * freqs_cis) is not flattened back to x's shape (or is used elsewhere)"
     return "an intermediate of the rotation is used outside it"

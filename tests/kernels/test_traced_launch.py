@@ -64,7 +64,7 @@ def _guards(monkeypatch, build):
 
 
 def _kernels(op):
-    return {"rms_norm": 4, "swiglu": 2, "rope": 2, "lm_head_ce": 0}[op]  # launches of the CUDA bodies in OPS[op]
+    return {"rms_norm": 6, "swiglu": 2, "rope": 2, "lm_head_ce": 0}[op]  # launches of the CUDA bodies in OPS[op]
 
 
 def _rms_norm(sym, n):
@@ -73,6 +73,8 @@ def _rms_norm(sym, n):
     for casting, offset in (("llama", 0.0), ("gemma", 1.0)):
         torch.ops.liger_fx.rms_norm(x, w, 1e-6, offset, casting)
         torch.ops.liger_fx.rms_norm_backward(x, x, w, 1e-6, offset, casting)
+    torch.ops.liger_fx.rms_norm(x, None, 1e-6, 0.0, "llama")  # no weight: its own backward op, dx only
+    torch.ops.liger_fx.rms_norm_backward_dx(x, x, 1e-6)
 
 
 def _swiglu(sym, n):
@@ -132,7 +134,7 @@ from triton.compiler import ASTSource
 import liger_fx.kernels.rms_norm as k
 
 fn = getattr(k, sys.argv[1])
-constexprs = {"GEMMA": sys.argv[2] == "gemma", "BLOCK_M": 2, "BLOCK_N": 64}
+constexprs = {"GEMMA": sys.argv[2] == "gemma", "HAS_WEIGHT": sys.argv[2] != "noweight", "BLOCK_M": 2, "BLOCK_N": 64}
 signature = {}
 for p in fn.params:
     if p.name in constexprs:
@@ -155,7 +157,7 @@ print("compiled", "tt.func" in str(module))
 
 
 @pytest.mark.parametrize("kernel", ["_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel"])
-@pytest.mark.parametrize("casting", ["llama", "gemma"])
+@pytest.mark.parametrize("casting", ["llama", "gemma", "noweight"])
 def test_rms_norm_kernels_compile_with_fp64_scalars(kernel, casting):
     """eps and offset typed fp64, as Inductor types a Python float argument: Triton's front end (no GPU needed)
     must accept the kernel. Without the fp32 casts the Gemma backward fails here as on the H200 ("Loop-carried

@@ -387,6 +387,40 @@ def _meta_rope(xq, xk, freqs_cis):
     return xq_out.type_as(xq), xk_out.type_as(xk)
 
 
+def _unbind_view_rope(q, k, cos, sin):
+    """rotate-half through a view and unbind (OLMo's `x.view(B, nh, T, 2, hs // 2).unbind(dim=-2)`)."""
+    def rot(x):
+        d = x.shape[-1]
+        x1, x2 = x.view(*x.shape[:-1], 2, d // 2).unbind(-2)
+        return torch.cat((-x2, x1), dim=-1)
+
+    cos, sin = cos[:, None], sin[:, None]
+    return q * cos + rot(q) * sin, k * cos + rot(k) * sin
+
+
+def _complex_halves_rope(xq, xk, freqs_cis):
+    """RoPE on the two halves packed as complex numbers, (B, T, H, D) q and k and (T, D/2) complex64 freqs_cis:
+    view_as_complex(stack(chunk(x, 2, -1), -1)) * freqs_cis, back through view_as_real and cat(chunk(., 2, -1),
+    -2), the trailing 1 squeezed."""
+    def rot(x):
+        xc = torch.view_as_complex(torch.stack(torch.chunk(x.float(), 2, dim=-1), dim=-1))
+        out = torch.view_as_real(xc * freqs_cis.view(1, x.shape[1], 1, -1))
+        return torch.cat(torch.chunk(out, 2, dim=-1), dim=-2).squeeze(-1).type_as(x)
+
+    return rot(xq), rot(xk)
+
+
+def _complex_halves_select_rope(xq, xk, freqs_cis):
+    """The same with torch.complex(x1, x2) of the halves, and cat((r[..., 0], r[..., 1]), -1) back."""
+    def rot(x):
+        h = x.shape[-1] // 2
+        xf = x.float()
+        r = torch.view_as_real(torch.complex(xf[..., :h], xf[..., h:]) * freqs_cis.view(1, x.shape[1], 1, -1))
+        return torch.cat((r[..., 0], r[..., 1]), dim=-1).type_as(x)
+
+    return rot(xq), rot(xk)
+
+
 def _tables(kind, freqs, dtype):
     """The rotary tables each family's rotary embedding returns, from (T, rd/2) angles."""
     if kind == "halves":  # HF: cat(freqs, freqs), cast to the activations' dtype
@@ -418,6 +452,9 @@ FORMS2 = {
     "chatglm": (_chatglm_rope, "cache", "bhtd", False),
     "complex_hf": (deepseek_complex_rope, "complex_hf", "bhtd", False),
     "complex_meta": (_meta_rope, "complex_meta", "bthd", False),
+    "unbind_view": (_unbind_view_rope, "halves", "bhtd", False),
+    "complex_halves": (_complex_halves_rope, "complex_meta", "bthd", False),
+    "complex_halves_select": (_complex_halves_select_rope, "complex_meta", "bthd", False),
 }
 
 
@@ -494,6 +531,24 @@ def test_every_form_fuses_at_a_dynamic_sequence_length(form):
     assert all(r.counts().get("rope") == (2, 2) for r in records), [r.summary() for r in records]
 
 
+@pytest.mark.parametrize("form", ["unbind_view", "complex_halves", "complex_halves_select", "complex_meta"])
+def test_new_forms_fuse_under_dynamic_true(form):
+    """`dynamic=True`: one symbolic graph serves both lengths, both rotations fused in it, forward and x's grad equal
+    eager's."""
+    torch.manual_seed(0)
+    m = FormFront(form, rotary_dim=8)
+    fn = torch.compile(copy.deepcopy(m), backend="liger", dynamic=True)
+    for t in (5, 9):
+        x = torch.randn(2, t, 32)
+        xr, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ref, out = m(xr), fn(xc)
+        ref.backward(), out.backward()
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(xc.grad, xr.grad, atol=1e-5, rtol=1e-4)
+    (record,) = liger_fx.get_records()
+    assert record.counts().get("rope") == (2, 2), record.summary()
+
+
 MLA_FORMS = {"deepseek_v3": FORMS2["deepseek_v3"][:2], "complex_hf": FORMS2["complex_hf"][:2],
              "llama": (llama_rope, "halves")}
 
@@ -549,6 +604,11 @@ def test_mla_single_head_k_broadcast_over_query_heads(form, at, dtype, graphs):
     assert not [m for rec in liger_fx.get_records() for m in rec.misses if m.flag == "rope"]
 
 
+def _unbind_rot(x):
+    x1, x2 = x.view(*x.shape[:-1], 2, x.shape[-1] // 2).unbind(-2)
+    return torch.cat((-x2, x1), dim=-1)
+
+
 class EscapingForm(nn.Module):
     """q's rotation has an intermediate that the model uses elsewhere too, so it must stay unfused; k's fuses."""
 
@@ -570,6 +630,18 @@ class EscapingForm(nn.Module):
             q1c = q1 * cos
             qe, ke = torch.cat((q1c - q2 * sin, q2 * cos + q1 * sin), -1), _halves_join(k, cos, sin)
             extra = q1c
+        elif self.form == "unbind":  # the rotate-half through a view and unbind, reused
+            cos, sin = torch.cat((cos, cos), -1)[:, :, None], torch.cat((sin, sin), -1)[:, :, None]
+            rq = _unbind_rot(q)
+            qe, ke = q * cos + rq * sin, k * cos + _unbind_rot(k) * sin
+            extra = rq
+        elif self.form == "complex_halves":  # the complex product of the packed halves reused
+            f = torch.polar(cos, sin)[:, :, None]
+            prod = torch.view_as_complex(torch.stack(q.chunk(2, -1), -1)) * f
+            qe = torch.cat(torch.view_as_real(prod).chunk(2, -1), -2).squeeze(-1)
+            ke = torch.cat(torch.view_as_real(torch.view_as_complex(torch.stack(k.chunk(2, -1), -1)) * f)
+                           .chunk(2, -1), -2).squeeze(-1)
+            extra = prod.abs()
         else:  # the complex product reused
             f = torch.polar(cos, sin)[:, :, None]
             prod = torch.view_as_complex(q.reshape(*q.shape[:-1], -1, 2)) * f
@@ -583,6 +655,8 @@ class EscapingForm(nn.Module):
     ("pairs", "escapes the pattern"),
     ("join", "an intermediate of the rotation is used outside it"),
     ("complex", "the complex product is not viewed back as real (or is used elsewhere)"),
+    ("unbind", "rotate_half(x) has 2 users; it escapes the pattern"),
+    ("complex_halves", "the complex product is not viewed back as real (or is used elsewhere)"),
 ])
 def test_intermediate_of_a_new_form_escaping_is_not_fused(form, reason):
     _assert_one_fused_one_escaping(lambda: EscapingForm(form), 4, reason)
@@ -619,3 +693,57 @@ def test_forms_that_cannot_be_fused_are_near_misses_with_reasons(case, dtype, re
     assert replaced("rope") == 0
     (miss,) = [m for rec in liger_fx.get_records() for m in rec.misses]
     assert reason in miss.reason, miss.reason
+
+
+class HalvesGuarded(nn.Module):
+    """Complex RoPE on halves, spelled in ways that are not the rotation of x's halves, each a near miss whose reason
+    names the cause."""
+
+    def __init__(self, case):
+        super().__init__()
+        self.case = case
+
+    def forward(self, q, k, freqs):
+        f = torch.polar(torch.ones_like(freqs), freqs)[:, None]
+        if self.case == "not_halves":  # x[..., :4] and x[..., 2:6] of width 8
+            xc = torch.view_as_complex(torch.stack((q[..., :4], q[..., 2:6]), -1))
+        elif self.case == "two_tensors":  # real part from q, imaginary part from k
+            xc = torch.view_as_complex(torch.stack((q[..., :4], k[..., 4:]), -1))
+        elif self.case == "strided":  # the even and odd channels stacked: pairs, in a spelling no pattern has
+            xc = torch.view_as_complex(torch.stack((q[..., 0::2], q[..., 1::2]), -1))
+        else:
+            xc = torch.view_as_complex(torch.stack(q.chunk(2, -1), -1))
+        r = torch.view_as_real(xc * f)
+        if self.case == "pairs_out":  # halves in, interleaved pairs out
+            return r.flatten(-2)
+        return torch.cat(r.chunk(2, -1), -2).squeeze(-1)
+
+
+@pytest.mark.parametrize("case, reason", [
+    ("not_halves", "the complex numbers pack x[..., 0:..] and x[..., 2:] of width 8: not its halves"),
+    ("two_tensors", "the real and imaginary parts packed as complex are parts of two different tensors"),
+    ("strided", "complex numbers packed from x's strided parts, not its halves"),
+    ("pairs_out", "view_as_real(x * freqs_cis) is not joined back into halves"),
+])
+def test_complex_halves_that_cannot_be_fused_are_near_misses_with_reasons(case, reason):
+    q, k, freqs = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 5, 8), torch.randn(1, 5, 4)
+    m = HalvesGuarded(case)
+    torch.testing.assert_close(torch.compile(m, backend="liger")(q, k, freqs), m(q, k, freqs))
+    assert replaced("rope") == 0
+    (miss,) = [m for rec in liger_fx.get_records() for m in rec.misses]
+    assert reason in miss.reason, miss.reason
+
+
+def test_complex_halves_form_was_not_matched_as_pairs():
+    """Before the halves form existed its near miss said 'view_as_complex of something other than x's pairs'. A
+    view_as_complex of neither the pairs nor the stacked halves still says so, naming both."""
+    class Other(nn.Module):
+        def forward(self, q, freqs):
+            f = torch.polar(torch.ones_like(freqs), freqs)[:, None]
+            u = q.view(*q.shape[:-1], 2, 4).transpose(-1, -2).contiguous()  # halves as pairs, through a copy
+            return torch.view_as_real(torch.view_as_complex(u) * f).flatten(-2)
+
+    q, freqs = torch.randn(2, 3, 5, 8), torch.randn(1, 5, 4)
+    torch.testing.assert_close(torch.compile(Other(), backend="liger")(q, freqs), Other()(q, freqs))
+    (miss,) = [m for rec in liger_fx.get_records() for m in rec.misses]
+    assert "view_as_complex of something other than x's pairs" in miss.reason and "halves" in miss.reason, miss.reason
