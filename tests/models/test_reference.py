@@ -1,10 +1,7 @@
 """The plain-PyTorch reference decoder (liger_fx/models/reference.py): its shapes, its data, and which of its sites
 the liger backend fuses in the loop PyTorch-native trainers write (the loss outside the compiled model).
-
-Sites that depend on work not merged here are marked xfail(strict=True) with the missing piece named: when it lands
-they pass, strict xfail turns that into a failure, and the marker is to be removed (TODO for the lead):
-- `nn.RMSNorm` (the reference's default norm): not matched yet (the norms branch).
-The loss outside the model needs neither: LazyLogits take `flatten(0, 1)` as a view of h."""
+Every site fuses in its default, PyTorch-native spelling (`nn.RMSNorm`, complex RoPE, the loss outside the model
+on `flatten(0, 1)` logits, which LazyLogits take as a view of h)."""
 
 import copy
 import warnings
@@ -81,8 +78,7 @@ def test_default_spelling_trains_as_eager_with_no_fallback(default_step):
 @pytest.mark.parametrize("flag,sites", [
     ("rope", 2 * L),
     ("swiglu", L),
-    pytest.param("rms_norm", 2 * L + 1, marks=pytest.mark.xfail(
-        strict=True, reason="TODO(merge norms): torch.nn.RMSNorm is not matched until the norms branch")),
+    ("rms_norm", 2 * L + 1),
 ])
 def test_default_spelling_site_fuses(default_step, flag, sites):
     assert _count(default_step, flag) == sites, [r.summary() for r in default_step["records"]]
