@@ -659,12 +659,15 @@ def check_args(h_s, w_s, h_t, w_t, row_weight, divergence, beta, scale_s, scale_
             raise ValueError(f"{name}: {key} (1 / temperature) must be a finite number > 0, got {value}")
     if w_s.shape[0] != w_t.shape[0]:
         raise ValueError(f"{name}: student and teacher vocabularies differ: {w_s.shape[0]} vs {w_t.shape[0]}")
-    if h_s.shape[:-1] != h_t.shape[:-1]:
+    # Rows are matched by position after flattening (the graph rewrite may hand a (B, T, H) student beside a
+    # (B*T, H) teacher): their counts must agree.
+    rows = math.prod(h_s.shape[:-1])
+    if math.prod(h_t.shape[:-1]) != rows:
         raise ValueError(f"{name}: student rows {tuple(h_s.shape[:-1])} and teacher rows {tuple(h_t.shape[:-1])} "
                          "differ")
     if row_weight is not None and reduction == "none":
         raise ValueError(f"{name}: row_weight is for the reduced forms; with reduction='none' weigh the rows after")
-    if row_weight is not None and row_weight.shape != h_s.shape[:-1]:
+    if row_weight is not None and row_weight.numel() != rows:
         raise ValueError(f"{name}: row_weight has shape {tuple(row_weight.shape)}, the rows {tuple(h_s.shape[:-1])}")
 
 

@@ -400,3 +400,26 @@ def test_no_rows_and_all_rows_masked_match_torch():
     assert out[0].item() == 0.0 and torch.equal(out[1], torch.zeros(11))
     for g in out[3:]:
         assert torch.equal(g, torch.zeros_like(g))
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
+def test_same_loss_and_gradients_as_liger_kernel(beta):
+    """liger-kernel 0.8.5's LigerFusedLinearJSDLoss (soft loss only: masked sum / unmasked count) is our
+    divergence="jsd" with the same beta, beta 0 and 1 included, at temperature 2. Runs where liger-kernel is
+    installed (the GPU run carries its wheel; its chunked losses are torch code and run on CPU too)."""
+    chunked = pytest.importorskip("liger_kernel.chunked_loss")
+    h_s, w_s, b_s, h_t, w_t, b_t, _ = _inputs(37, 24, 40, 301, torch.float32, False, False, seed=11)
+    labels = torch.randint(0, 301, (37,), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    labels[::3] = -100
+    theirs_h, ours_h = h_s.clone().requires_grad_(), h_s.clone().requires_grad_()
+    theirs_w, ours_w = w_s.clone().requires_grad_(), w_s.clone().requires_grad_()
+    loss_fn = chunked.LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=beta,
+                                              ignore_index=-100, temperature=2.0, compiled=False, chunk_size=16)
+    theirs = loss_fn(theirs_h, theirs_w, h_t, w_t, labels)
+    ours = fused_linear_distillation(ours_h, ours_w, h_t, w_t, divergence="jsd", beta=beta, temperature=2.0,
+                                     reduction="sum", target=labels) / (labels != -100).sum()
+    theirs.backward()
+    ours.backward()
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(ours_h.grad, theirs_h.grad, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(ours_w.grad, theirs_w.grad, rtol=1e-4, atol=1e-7)
