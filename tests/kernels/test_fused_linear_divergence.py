@@ -76,7 +76,9 @@ def _check_grads(ours, ref, same, xs, xt, g, div, hw, dtype, C, teacher=True):
     - bf16: dlogits the two sides may round apart (tests/tolerance.rounding_flips), and each side's own rounding of
       the result (one ulp): where torch's errors happen to cancel, ours need not;
     - fp32 matmuls summing K products in another order: eps * sqrt(K) * sum |terms| (the linear + CE test's);
-    - bf16 dW accumulated per chunk (_accumulation_slack); the interpreter's truncation of bf16 (tests/tolerance.py).
+    - bf16 dW accumulated per chunk (_accumulation_slack); the interpreter's truncation of bf16 (tests/tolerance.py);
+    - bf16 on CUDA: cuBLAS may split K and add the partial sums in bf16, up to u * sum |terms| on either side, not
+      alike for our C-row calls and torch's N-row one (measured on the H200 for the linear + CE op's dh; its test).
     """
     N, V = xs.shape
     for side, (d64, bound) in enumerate(zip(*_dlogits64(xs, xt, g, div))):
@@ -95,7 +97,8 @@ def _check_grads(ours, ref, same, xs, xt, g, div, hw, dtype, C, teacher=True):
             own_ulp = 0.0 if dtype == torch.float32 else torch.finfo(dtype).eps * r.abs()
             order = EPS32 * (V if i == 0 else N) ** 0.5 * terms[i]
             acc = _accumulation_slack(d64, h, C, dtype) if i == 1 else 0.0
-            slack = own_ulp + err[i] + flips[i] + order + acc + interpreter_slack(terms[i], dtype, 1)
+            split_k = torch.finfo(dtype).eps / 2 * terms[i] if dtype != torch.float32 and i < 2 and CUDA else 0.0
+            slack = own_ulp + err[i] + flips[i] + order + acc + split_k + interpreter_slack(terms[i], dtype, 1)
             assert_close_rule(o, r, s, 4 * EPS32 * r.abs().max().item(), name, slack=slack)
 
 

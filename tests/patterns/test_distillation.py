@@ -379,3 +379,66 @@ def test_report_counts_the_site():
     assert entry["patterns"][FLAG] == {"replaced": 1, "candidates": 1, "misses": []}
     entry = liger_fx.report(Distill().train(), *_data(torch.float32), options={FLAG: False})
     assert entry["patterns"][FLAG]["replaced"] == 0 and entry["patterns"][FLAG]["candidates"] == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# On a GPU: the Triton path inside a compiled step
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("case", ["jsd-trl-masked", "kl-logtarget-batchmean-T2", "kl-per-token-returned"])
+def test_cuda_compiled_step_matches_and_holds_no_logits(case):
+    """bf16, N = 8 x 2048 rows, V = 32011, a 1024-wide student and a 1536-wide teacher: the compiled step (CUDA: the
+    Triton launcher, 4096-row chunks) against eager fp32 (rule: torch's own bf16 error), and its peak memory over
+    the call below one model's bf16 logits (N x V x 2 bytes = 1.05 GB; eager holds both models' and fp32 copies)."""
+    torch.manual_seed(0)
+    N_B, N_T, Hs, Ht, Vg = 8, 2048, 1024, 1536, 32011
+    loss_fn, pattern = SPELLINGS[case]
+    dev = "cuda"
+
+    def heads(dtype):
+        torch.manual_seed(0)
+        s = nn.Linear(Hs, Vg, bias=False, device=dev)
+        t = nn.Linear(Ht, Vg, bias=False, device=dev)
+        with torch.no_grad():
+            s.weight.mul_(4.0)
+            t.weight.mul_(6.0)
+        return s.to(dtype), t.to(dtype)
+
+    g = torch.Generator(device=dev).manual_seed(1)
+    h_s = torch.randn(N_B, N_T, Hs, device=dev, generator=g)
+    h_t = torch.randn(N_B, N_T, Ht, device=dev, generator=g)
+    mask = (torch.rand(N_B, N_T, device=dev, generator=g) > 0.25).float()
+
+    def run(dtype, compiled):
+        s_head, t_head = heads(dtype)
+
+        def step(h_s, h_t, mask):
+            s = s_head(h_s)
+            with torch.no_grad():
+                t = t_head(h_t)
+            return loss_fn(s, t, mask)
+
+        fn = torch.compile(step, backend="liger") if compiled else step
+        x = h_s.to(dtype).requires_grad_()
+        if compiled:  # warm-up (compile), then measure one call
+            fn(x, h_t.to(dtype), mask.to(dtype)).float().sum().backward()
+            x.grad, s_head.weight.grad = None, None
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = fn(x, h_t.to(dtype), mask.to(dtype))
+        out.float().sum().backward()
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() - base
+        return out.detach().float(), x.grad.float(), s_head.weight.grad.float(), extra
+
+    ours = run(torch.bfloat16, True)
+    assert counters["liger_fx"][FLAG] >= 1 and _records()[0].pattern == f"{FLAG}/{pattern}"
+    ref = run(torch.float32, False)
+    same = run(torch.bfloat16, False)
+    assert_close_rule(ours[0], ref[0], same[0], atol=1e-6 * ref[0].abs().max().item(), name="loss")
+    for i, name in ((1, "dh_s"), (2, "dW_s")):
+        assert_max_error_rule(ours[i], ref[i], same[i], name=name)
+    assert ours[3] < N_B * N_T * Vg * 2, f"peak extra {ours[3] / 2**30:.2f} GiB >= one bf16 logits"
