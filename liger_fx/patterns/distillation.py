@@ -205,6 +205,7 @@ class _Eval:
         self.gm = graph.owning_module
         self.terms: dict[fx.Node, Term] = {}
         self.fails: dict[fx.Node, str] = {}
+        self.hops: dict[fx.Node, int] = {}  # how far a failure was carried (see _rule)
         for node in graph.nodes:
             if node.op != "call_function":
                 continue
@@ -229,12 +230,15 @@ class _Eval:
                 return Term("logits", Side(node, lead=tuple(_val(node).shape[:-1])))
             return None
         if not any(ins):
-            # a failure upstream carried along elementwise (a softcap's tanh before the log-softmax): a kl_div
-            # after it is still a candidate, and its near miss names the first cause
-            failed = [a for a in node.all_input_nodes if a in self.fails]
+            # a failure upstream carried along elementwise (a softcap's tanh, its scale, then the log-softmax): a
+            # kl_div after it is still a candidate, and its near miss names the first cause. At most 3 ops on: every
+            # linear of a model is a candidate lm_head here, and carried further a q projection's failure would reach
+            # the whole residual stream and give an unrelated kl_div its reason.
+            failed = [a for a in node.all_input_nodes if a in self.fails and self.hops.get(a, 0) < 3]
             v = _val(node)
             if failed and isinstance(v, torch.Tensor) and any(
                     isinstance(_val(a), torch.Tensor) and same_sizes(_val(a).shape, v.shape) for a in failed):
+                self.hops[node] = self.hops.get(failed[0], 0) + 1
                 return self.fails[failed[0]]
             return None
         if tgt is aten.mul.Tensor and len(args) == 2 and self.t(args[0]) is None and self.t(args[1]) is not None \
