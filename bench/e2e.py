@@ -479,11 +479,14 @@ def _error_line(text: str) -> str:
 
 
 def run_variant_subprocess(shape: str, variant: str, *, smoke: bool, device, steps: int, warmup: int,
-                           timeout: float, batch=None, seq=None, smoke_inductor: bool = False) -> dict:
+                           timeout: float, batch=None, seq=None, smoke_inductor: bool = False,
+                           module: str = "bench.e2e") -> dict:
+    """`python -m <module> --shape ... --variant ... --result ...` in its own process and session; `module` is a
+    runner with this CLI (bench.e2e, bench.distill)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with tempfile.TemporaryDirectory(prefix="liger_fx_e2e_") as td:
         result = os.path.join(td, "result.json")
-        cmd = [sys.executable, "-m", "bench.e2e", "--shape", shape, "--variant", variant, "--steps", str(steps),
+        cmd = [sys.executable, "-m", module, "--shape", shape, "--variant", variant, "--steps", str(steps),
                "--warmup", str(warmup), "--device", str(device), "--result", result]
         cmd += ["--smoke"] if smoke else []
         cmd += ["--smoke-inductor"] if smoke_inductor else []

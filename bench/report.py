@@ -177,6 +177,71 @@ def e2e_table(results: dict) -> str:
     return _table(header, rows) + "\n\n" + "\n".join(extra)
 
 
+def distill_ratios(results: dict) -> list[str]:
+    """liger_fx against inductor and liger-kernel's fused linear JSD, per distillation shape."""
+    lines = []
+    by_shape: dict[str, dict] = {}
+    for r in results.get("distill", []):
+        by_shape.setdefault(r["shape"], {})[r["variant"]] = r
+    for shape, vs in by_shape.items():
+        o = vs.get("liger_fx")
+        if not o or o.get("status") != "ok":
+            continue
+        for base in ("inductor", "liger_kernel", "inductor_liger_jsd"):
+            b = vs.get(base)
+            if not b or b.get("status") != "ok":
+                lines.append(f"distill {shape}: liger_fx/{base}: n/a ({b.get('status') if b else 'not run'})")
+                continue
+            lines.append(f"distill {shape}: liger_fx/{base}: tok/s x{_f(_ratio(o['tok_s'], b['tok_s']), '.3f')}, "
+                         f"peak x{_f(_ratio(o['peak_gib'], b['peak_gib']), '.3f')}")
+    return lines
+
+
+def distill_loss_agreement(results: dict) -> list[str]:
+    rtol = results.get("loss_rtol", 0.01)
+    lines = []
+    for shape in dict.fromkeys(r["shape"] for r in results.get("distill", [])):
+        rows = [r for r in results["distill"] if r["shape"] == shape and r.get("status") == "ok"]
+        compared = [r for r in rows if r.get("loss_ref")]
+        if not compared:
+            lines.append(f"distill {shape}: losses NOT CHECKED (no reference variant, eager or inductor, ran)")
+            continue
+        ref = compared[0]["loss_ref"]
+        bad = [r for r in compared if not r["max_loss_rel_diff"] <= rtol]
+        verdict = "agree" if not bad else "DISAGREE (" + ", ".join(r["variant"] for r in bad) + ")"
+        diffs = ", ".join(f"{r['variant']} {_f(r['max_loss_rel_diff'], '.1e')}" for r in compared)
+        lines.append(f"distill {shape}: losses {verdict}: max |loss - {ref} loss| / |{ref} loss| over all steps, "
+                     f"tolerance {rtol}: {diffs}")
+    return lines
+
+
+def distill_table(results: dict) -> str:
+    rows = []
+    for r in results.get("distill", []):
+        rows.append([r["shape"], r["variant"], r.get("status", "-"), _f(r.get("tok_s"), ",.0f"),
+                     _f(r.get("step_ms"), ".1f"), _f(r.get("peak_gib"), ".2f"), _f(r.get("warmup_s"), ".1f"),
+                     _f(r.get("first_loss"), ".5f"), _f(r.get("final_loss"), ".5f"),
+                     _f(r.get("max_loss_rel_diff"), ".1e")])
+    if not rows:
+        return "(no distillation runs)"
+    header = ["shape", "variant", "status", "tok/s", "step ms", "peak GiB", "warm-up s", "loss[0]", "final loss",
+              "max rel dloss vs ref"]
+    extra = [f"- {line}" for line in distill_ratios(results) + distill_loss_agreement(results)]
+    for r in results.get("distill", []):
+        if r.get("status") not in ("ok", None) and r.get("error"):
+            extra.append(f"- {r['shape']}/{r['variant']}: {r['status']}: {r['error']}")
+        if r.get("replaced"):
+            extra.append(f"- {r['shape']}/{r['variant']} rewrites: " +
+                         ", ".join(f"{k}={v}" for k, v in sorted(r["replaced"].items())) +
+                         f"; graph breaks {r.get('graph_breaks', '-')}")
+    if results.get("distill_setup"):
+        extra.append(f"- setup: {results['distill_setup']}")
+    extra.append("- tok/s counts the student's tokens (B*T per step); peak GiB = max_memory_allocated over the timed "
+                 "steps (both models, the student's grads and AdamW state included); the loss is the generalized JSD "
+                 "(beta 0.5) over completion tokens, reference: eager if it ran, else inductor.")
+    return _table(header, rows) + "\n\n" + "\n".join(extra)
+
+
 def render_markdown(results: dict) -> str:
     parts = [f"Run: {env_line(results.get('env', {}))}" + (" · SMOKE (CPU, tiny shapes)" if results.get("smoke")
                                                               else "")]
@@ -184,6 +249,8 @@ def render_markdown(results: dict) -> str:
         parts += ["### Kernels (forward+backward)", kernel_table(results)]
     if results.get("e2e"):
         parts += ["### End-to-end training step", e2e_table(results)]
+    if results.get("distill"):
+        parts += ["### Distillation training step", distill_table(results)]
     if results.get("notes"):
         parts += ["Notes:\n" + "\n".join(f"- {n}" for n in results["notes"])]
     return "\n\n".join(parts) + "\n"
@@ -202,7 +269,11 @@ def short_summary(results: dict) -> str:
         lines.append(f"e2e {r['shape']:11s} {r['variant']:25s} {_f(r.get('tok_s'), '8,.0f', '       -')} tok/s  "
                      f"peak {_f(r.get('peak_gib'), '6.2f')} GiB  warm-up {_f(r.get('warmup_s'), '.0f')} s  "
                      f"loss {_f(r.get('final_loss'), '.4f')}  {r.get('status')}")
-    lines += e2e_ratios(results) + loss_agreement(results)
+    for r in results.get("distill", []):
+        lines.append(f"distill {r['shape']:15s} {r['variant']:19s} {_f(r.get('tok_s'), '8,.0f', '       -')} tok/s  "
+                     f"peak {_f(r.get('peak_gib'), '6.2f')} GiB  warm-up {_f(r.get('warmup_s'), '.0f')} s  "
+                     f"loss {_f(r.get('final_loss'), '.5f')}  {r.get('status')}")
+    lines += e2e_ratios(results) + loss_agreement(results) + distill_ratios(results) + distill_loss_agreement(results)
     return "\n".join(lines)
 
 

@@ -2,6 +2,7 @@
 
     python -m bench.run --kernels all --e2e llama-1b [--smoke] [--out DIR]
     python -m bench.run --kernels none --e2e none --post all      # GRPO/DPO steps (bench/post_training.py)
+    python -m bench.run --kernels none --e2e none --distill llama-1b-jsd     # the distillation step (bench/distill.py)
 
 Registry protocol (one function per kernel module, `bench/kernels_<key>.py`):
 
@@ -31,7 +32,7 @@ import traceback
 
 import torch
 
-from bench import common, e2e, post_training, report
+from bench import common, distill, e2e, post_training, report
 from bench.common import GiB, KernelBench
 
 KERNELS = {  # key -> module; the order is the run order
@@ -173,6 +174,13 @@ def parse_args(argv=None):
                    help=f"post-training steps: none, all, or a comma list of {', '.join(post_training.WORKLOADS)}")
     p.add_argument("--post-variants", default="all", help=f"comma list of {', '.join(post_training.VARIANTS)}")
     p.add_argument("--post-steps", type=int, default=None, help="timed post-training steps (default 5; smoke 2)")
+    p.add_argument("--distill", default="none",
+                   help=f"distillation step shapes: none, all, or a comma list of {', '.join(distill.SHAPES)}")
+    p.add_argument("--distill-variants", default=",".join(distill.DEFAULT_VARIANTS),
+                   help=f"comma list of {', '.join(distill.VARIANTS)} (or all)")
+    p.add_argument("--loss-rtol", type=float, default=0.01,
+                   help="distillation variants agree if every step's loss is within this fraction of the "
+                        "reference's (eager where it ran, else inductor)")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, reference ops: checks the code in seconds")
     p.add_argument("--device", default=None, help="default: cuda if available (cpu with --smoke)")
     p.add_argument("--out", default=os.environ.get("OUT"), help="write results.json/results.md/e2e.png here")
@@ -197,6 +205,8 @@ def parse_args(argv=None):
     args.variant_list = None if args.variants == "all" else _csv(args.variants, e2e.ALL_VARIANTS, "variant")
     args.post_list = _csv(args.post, post_training.WORKLOADS, "post-training workload")
     args.post_variant_list = _csv(args.post_variants, post_training.VARIANTS, "post-training variant")
+    args.distill_list = _csv(args.distill, distill.SHAPES, "distill shape")
+    args.distill_variant_list = _csv(args.distill_variants, distill.VARIANTS, "distill variant")
     args.device = args.device or ("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     args.steps = args.steps if args.steps is not None else (2 if args.smoke else 10)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 3)
@@ -281,7 +291,12 @@ def _work(args, results: dict, env: dict, left) -> None:
             print(f"  -> {res['status']}  tok/s {res.get('tok_s')}  peak {res.get('peak_gib')}  "
                   f"warm-up {res.get('warmup_s')}  loss {res.get('final_loss')}", flush=True)
             save(results, args.out)
+    _post_work(args, results, env, left)
+    _distill_work(args, results, env, left)
 
+
+def _post_work(args, results: dict, env: dict, left) -> None:
+    """The post-training steps (bench/post_training.py), each variant in its own process as the e2e step."""
     post_steps = args.post_steps if args.post_steps is not None else (2 if args.smoke else 5)
     for workload in args.post_list:
         for variant in args.post_variant_list:
@@ -305,6 +320,37 @@ def _work(args, results: dict, env: dict, left) -> None:
             save(results, args.out)
 
 
+
+def _distill_work(args, results: dict, env: dict, left) -> None:
+    """The distillation step (bench/distill.py), each variant in its own process as the e2e step."""
+    if args.distill_list:
+        results["distill_setup"] = (f"steps {args.warmup} warm-up + {args.steps} timed, AdamW(lr={distill.LR}) on the "
+                                    f"student, batch {args.batch or 'default'}, seq {args.seq or 'default'}; "
+                                    + "; ".join(f"{s}: {distill.SHAPES[s].why}" for s in args.distill_list))
+    for shape in args.distill_list:
+        for variant in args.distill_variant_list:
+            if left() <= 30:
+                results["distill"].append({"shape": shape, "variant": variant, "status": "skipped (time budget)",
+                                           "env": env})
+                continue
+            print(f"== distill {shape} {variant}: {distill.VARIANT_HELP[variant]}", flush=True)
+            kw = dict(smoke=args.smoke, device=args.device, steps=args.steps, warmup=args.warmup, batch=args.batch,
+                      seq=args.seq)
+            if args.inprocess:
+                res = distill.run_variant_inprocess(shape, variant, **kw)
+            else:
+                res = distill.run_variant_subprocess(shape, variant, timeout=min(args.variant_timeout, left() - 5),
+                                                     smoke_inductor=args.smoke_inductor, **kw)
+                tail = res.get("log_tail", [])
+                print("\n".join("    | " + ln for ln in (tail if res["status"] != "ok" else tail[-3:])), flush=True)
+            res["env"] = env
+            results["distill"].append(res)
+            distill.add_loss_diffs(results["distill"])
+            print(f"  -> {res['status']}  tok/s {res.get('tok_s')}  peak {res.get('peak_gib')}  "
+                  f"warm-up {res.get('warmup_s')}  loss {res.get('final_loss')}", flush=True)
+            save(results, args.out)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if torch.device(args.device).type == "cpu":
@@ -317,7 +363,8 @@ def main(argv=None) -> int:
 
     env = common.env_info()
     results = {"env": env, "smoke": args.smoke, "device": args.device, "argv": sys.argv[1:] if argv is None else argv,
-               "loss_atol": args.loss_atol, "ceilings": {}, "kernels": [], "e2e": [], "post_training": [], "notes": [],
+               "loss_atol": args.loss_atol, "loss_rtol": args.loss_rtol, "ceilings": {}, "kernels": [], "e2e": [],
+               "post_training": [], "distill": [], "notes": [],
                "definitions": {"extra_peak": common.EXTRA_PEAK_DEFINITION, "e2e": report.E2E_DEFINITIONS}}
     print("== " + report.env_line(env), flush=True)
 

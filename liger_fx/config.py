@@ -43,6 +43,13 @@ class LigerConfig:
     into `liger_fx::linear_logprobs`, which never materializes the logits; whatever uses the per-token values
     (masks, ratios, advantages, KL to a reference) stays in the graph for Inductor."""
 
+    fused_linear_distillation: bool = True
+    """Fuse a student's and a teacher's lm_heads with the divergence between their softmaxes (forward KL, reverse KL,
+    generalized JSD; `F.kl_div` with or without `log_target`, a KL written out, TRL's and Liger's JSD through a
+    mixture; any temperature) into `liger_fx::linear_divergence`, which never makes either model's logits. A teacher
+    under no_grad or detached gets no gradient. What follows the divergence (T**2, masks, means, a hard-label loss)
+    stays in the graph (liger_fx/patterns/distillation.py)."""
+
     # -- liger-fx's own options (not rewrites; not counted, not in the coverage report) --
 
     recompute: bool = True

@@ -193,7 +193,9 @@ def families() -> list[Any]:
     pattern sees the final norm already fused. Adding a family is adding a file."""
     import liger_fx.patterns as pkg
 
-    order = {"rms_norm": 0, "rope": 1, "swiglu": 2, "linear_cross_entropy": 3}
+    # distillation before the loss: a hard-label loss on the student's logits beside the divergence then finds the
+    # lm_head with the loss as its only user, and fuses it too.
+    order = {"rms_norm": 0, "rope": 1, "swiglu": 2, "distillation": 3, "linear_cross_entropy": 4}
     names = [m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_")]
     names.sort(key=lambda n: (order.get(n, 10), n))
     return [importlib.import_module(f"liger_fx.patterns.{n}") for n in names]
@@ -338,7 +340,8 @@ is its own graph, 0.38 GiB of fused outputs at Llama-3.2-1B B8 T2048, "small" in
 
 
 _LOSSES = ("lm_head_cross_entropy", "linear_cross_entropy", "fused_linear_cross_entropy", "linear_logprobs",
-           "cross_entropy", "cross_entropy_loss", "nll_loss_forward", "nll_loss", "nll_loss_nd")  # ours, then aten's
+           "linear_divergence", "cross_entropy", "cross_entropy_loss", "nll_loss_forward", "nll_loss",
+           "nll_loss_nd")  # ours (any form), then aten's
 
 
 def _whole_step(graph: fx.Graph) -> bool:
