@@ -398,9 +398,9 @@ def test_no_rows_and_all_rows_masked_match_torch():
                                                reduction=reduction, chunk=4)
         ref = F.kl_div(torch.empty(0, 90), torch.empty(0, 90), reduction=reduction, log_target=True)
         assert math.isnan(loss.item()) == math.isnan(ref.item()) and (loss.isnan() or loss == ref)
-    out = fused_linear_divergence_fwd(h_s, w_s, b_s, h_t, w_t, b_t, torch.zeros(11), "jsd", 0.5, 1.0, 1.0, "sum",
+    out = fused_linear_divergence_fwd(h_s, w_s, b_s, h_t, w_t, b_t, torch.zeros(11, device=h_s.device), "jsd", 0.5, 1.0, 1.0, "sum",
                                       True, True, True, True, chunk=4, block_v=32)
-    assert out[0].item() == 0.0 and torch.equal(out[1], torch.zeros(11))
+    assert out[0].item() == 0.0 and torch.equal(out[1], torch.zeros_like(out[1]))
     for g in out[3:]:
         assert torch.equal(g, torch.zeros_like(g))
 
