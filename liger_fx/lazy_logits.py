@@ -20,7 +20,10 @@ What a LazyLogits does with each use (`__torch_function__`, above autograd):
   softcap) return a LazyLogits that replays them after the matmul;
 - a consumer in `CONSUMERS` takes it fused: `F.cross_entropy` (any spelling that ends there, `nn.CrossEntropyLoss`
   too) with reduction "mean" or "sum" runs `liger_fx::linear_cross_entropy` on (h, W, b), folding the replayed casts,
-  scales and softcap into the op's (softcap, logit_scale) as the in-graph rewrite does;
+  scales and softcap into the op's (softcap, logit_scale) as the in-graph rewrite does; token log-probs, entropies,
+  a logsumexp and per-token losses (`reduction="none"`, `nll_loss` of a log-softmax) run
+  `liger_fx::fused_linear_logprobs` through a small algebra of lazy log-softmaxes, softmaxes and their products
+  (lazy_logprobs.py);
 - anything else materializes: the logits are computed once (`F.linear(h, W, b)` and the replayed ops, exactly as
   eager computes them, with autograd to h and W) and kept; that use and every later one (in-place writes included)
   see that tensor, so the lazy tensor behaves as the eager one would. Printing shows the values.
@@ -40,8 +43,8 @@ Nothing is silently wrong:
   logits' values and its gradient flows through the LazyLogits' own backward (the lm_head's); an in-place op there
   raises, as it could not be seen by later uses.
 
-Extending: `register_consumer(func)` adds a fused consumer (e.g. per-token losses with reduction="none", token
-log-probs); the handler gets the function's arguments and returns NotImplemented to let the next one (and in the end
+Extending: `register_consumer(func)` adds a fused consumer (lazy_logprobs.py registers its algebra this way); the
+handler gets the function's arguments and returns NotImplemented to let the next one (and in the end
 materialization) take the call.
 """
 
@@ -57,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten, tree_map_only
 
-__all__ = ["LazyLogits", "lazy_logits", "register_consumer", "CONSUMERS", "is_lazy"]
+__all__ = ["LazyLogits", "lazy_logits", "register_consumer", "CONSUMERS", "is_lazy", "fold"]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -126,9 +129,44 @@ def _replay(z: torch.Tensor, ops) -> torch.Tensor:
             z = z / op[1]
         elif op[0] == "tanh":
             z = torch.tanh(z)
+        elif op[0] == "log_softmax":  # the token log-prob algebra (lazy_logprobs.py)
+            z = torch.log_softmax(z, -1)
+        elif op[0] == "softmax":
+            z = torch.softmax(z, -1)
+        elif op[0] == "prod":  # two functions of the same logits, multiplied: ("prod", ops_a, ops_b)
+            z = _replay(z, op[1]) * _replay(z, op[2])
         else:  # pragma: no cover - the ops are made here
             raise AssertionError(op)
     return z
+
+
+def fold(ops) -> Optional[tuple[float, float]]:
+    """(softcap, logit_scale) of the fused ops for replayed ops, or None when they do not fold (a cast to a dtype
+    other than fp32 between the matmul and the loss, two tanh, a scale of 0 before the tanh, anything but casts,
+    scales and a tanh). The fused ops compute transform(logits.float()) in fp32: as the in-graph rewrite
+    (patterns/linear_cross_entropy._fold)."""
+    pre, post, capped = 1.0, 1.0, False
+    for op in ops:
+        if op[0] == "cast":
+            if op[1] != torch.float32:
+                return None
+        elif op[0] == "tanh":
+            if capped:
+                return None
+            capped, post = True, pre
+        elif op[0] in ("mul", "div"):
+            k = op[1] if op[0] == "mul" else 1.0 / op[1]
+            if capped:
+                post *= k
+            else:
+                pre *= k
+        else:
+            return None
+    if not capped:
+        return 0.0, pre
+    if pre == 0:
+        return None
+    return 1.0 / abs(pre), 1.0 if abs(post - 1.0) < 1e-12 else post
 
 
 _PENDING: "weakref.WeakSet[_Source]" = weakref.WeakSet()
@@ -241,29 +279,8 @@ class LazyLogits(torch.Tensor):
         return h, w, b
 
     def fold(self) -> Optional[tuple[float, float]]:
-        """(softcap, logit_scale) of the fused ops for the replayed ops, or None when they do not fold (a cast to a
-        dtype other than fp32 between the matmul and the loss, two tanh, a scale of 0 before the tanh). The fused
-        op computes transform(logits.float()) in fp32: as the in-graph rewrite (patterns/linear_cross_entropy._fold)."""
-        pre, post, capped = 1.0, 1.0, False
-        for op in self._src.ops:
-            if op[0] == "cast":
-                if op[1] != torch.float32:
-                    return None
-            elif op[0] == "tanh":
-                if capped:
-                    return None
-                capped, post = True, pre
-            else:
-                k = op[1] if op[0] == "mul" else 1.0 / op[1]
-                if capped:
-                    post *= k
-                else:
-                    pre *= k
-        if not capped:
-            return 0.0, pre
-        if pre == 0:
-            return None
-        return 1.0 / abs(pre), 1.0 if abs(post - 1.0) < 1e-12 else post
+        """(softcap, logit_scale) of the fused ops for this tensor's replayed ops (module-level `fold`), or None."""
+        return fold(self._src.ops)
 
     @property
     def materialized(self) -> bool:
@@ -483,14 +500,16 @@ def _contiguous(func, *args, **kwargs):
     return _derive(self, None, self._shadow.contiguous())
 
 
-def _derive(self: LazyLogits, op, shadow) -> LazyLogits:
-    """A new source (eager makes a new tensor) computing `op` after this tensor's ops, over this tensor's rows;
-    without a gradient path where this tensor has none (eager's result would have none)."""
+def _derive(self: LazyLogits, op, shadow, ops=None) -> LazyLogits:
+    """A new source (eager makes a new tensor) computing `op` after this tensor's ops (or `ops` of the linear's
+    output in their place), over this tensor's rows; without a gradient path where this tensor has none (eager's
+    result would have none)."""
     src = self._src
     h, weight, bias = self._h, src.weight, src.bias
     if not self.requires_grad:
         h, weight, bias = h.detach(), weight.detach(), bias.detach() if bias is not None else None
-    ops = src.ops + ((op,) if op is not None else ())
+    if ops is None:
+        ops = src.ops + ((op,) if op is not None else ())
     new = _Source(h, weight, bias, ops, src.autocast, snapshot=src.snapshot)
     return _make(new, h, (), torch.empty(shadow.shape, dtype=shadow.dtype, device="meta"))
 
@@ -576,7 +595,8 @@ _CE_SIGNATURE = inspect.signature(F.cross_entropy)
 def _cross_entropy(func, *args, **kwargs):
     """`F.cross_entropy(logits (N, V), target (N,))`, reduction "mean" or "sum", class-index targets, no class weight
     or label smoothing: `liger_fx::linear_cross_entropy` on (h, W, b), never making the N x V logits. What it does
-    not take (reduction="none", 3-D logits with the classes in dim 1, probability targets) falls through."""
+    not take (3-D logits with the classes in dim 1, probability targets) falls through; reduction="none":
+    lazy_logprobs._cross_entropy_none."""
     try:
         a = _CE_SIGNATURE.bind(*args, **kwargs).arguments
     except TypeError:
@@ -646,3 +666,6 @@ _METADATA = {
     torch.Tensor.stride, torch.Tensor.is_contiguous, torch.Tensor.storage_offset, torch.Tensor.__len__,
     torch.Tensor.__hash__, torch.Tensor.__dir__, torch.numel,
 }
+
+
+from . import lazy_logprobs  # noqa: E402,F401  (registers the token log-prob algebra's consumers)

@@ -1,0 +1,252 @@
+"""Token log-probs, entropies and per-token losses on LazyLogits (liger_fx/lazy_logprobs.py), eager, no compile: each
+spelling post-training trainers write runs the fused log-prob op (or O(N*H) row dot products) with eager's values
+and every gradient, no N x V tensor is made forward or backward, and every other use still materializes with eager's
+values. The compiled model that returns them, with TRL's functions on its logits: the last tests."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import liger_fx
+from liger_fx.lazy_logits import LazyLogits, is_lazy, lazy_logits
+from tests.patterns.test_linear_logprobs import entropy_from_logits, selective_log_softmax
+from tests.test_lazy_logits import BigTensors
+from tests.tolerance import assert_max_error_rule
+
+B, T, H, V = 3, 13, 16, 40  # N = 39 rows: half the logits (780) is more than W (640) and its gradient
+
+
+def _inputs(dtype=torch.float32, bias=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = (torch.randn(B, T, H, generator=g) * 2).to(dtype).requires_grad_()
+    w = (torch.randn(V, H, generator=g) / 3).to(dtype).requires_grad_()
+    b = torch.randn(V, generator=g).to(dtype).requires_grad_() if bias else None
+    ids = torch.randint(0, V, (B, T), generator=g)
+    return h, w, b, ids
+
+
+def trl_selective_bf16_branch(z, ids):
+    """TRL's selective_log_softmax as it runs on bf16 logits (a log_softmax per sequence, then a gather), whatever
+    the dtype here."""
+    rows = [F.log_softmax(r, dim=-1).gather(dim=-1, index=i[:, None]) for r, i in zip(z, ids)]
+    return torch.stack(rows).squeeze(-1)
+
+
+def _top3(ids):
+    return torch.stack([ids, ids.flip(0), (ids * 7 + 3) % V], -1)
+
+
+# Per-token (or per-entry) values of the logits z (B, T, V), as trainers compute them outside the model.
+SPELLINGS = {
+    # GRPO/PPO/DPO token log-probs
+    "log_softmax-gather": lambda z, ids: F.log_softmax(z[:, :-1].float() / 0.7, -1).gather(-1, ids[:, 1:, None]),
+    "trl-selective-fp32": lambda z, ids: selective_log_softmax(z[:, :-1] / 0.9, ids[:, 1:]),
+    "trl-selective-rows": lambda z, ids: trl_selective_bf16_branch(z / 0.9, ids),
+    "gather-minus-logsumexp": lambda z, ids: z.gather(-1, ids[..., None]).squeeze(-1) - torch.logsumexp(z, dim=-1),
+    "take_along_dim": lambda z, ids: torch.take_along_dim(z.log_softmax(-1), ids[..., None], dim=-1),
+    "softcap": lambda z, ids: selective_log_softmax(torch.tanh(z / 5.0) * 5.0, ids),
+    "softmax-gather": lambda z, ids: torch.softmax(z, -1).gather(-1, ids[..., None]),
+    "top3-log-probs": lambda z, ids: F.log_softmax(z, -1).gather(-1, _top3(ids)),
+    "logits-gather": lambda z, ids: z.float().gather(-1, _top3(ids)) * 0.5,
+    "logsumexp-keepdim": lambda z, ids: z.logsumexp(-1, keepdim=True),
+    # per-token losses
+    "ce-none": lambda z, ids: -F.cross_entropy(z.flatten(0, 1), ids.flatten(0, 1), reduction="none"),
+    "ce-none-ignore": lambda z, ids: F.cross_entropy(z[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1).masked_fill(
+        ids[:, 1:].reshape(-1) % 5 == 0, -100), reduction="none"),
+    "nll-log_softmax": lambda z, ids: F.nll_loss(F.log_softmax(z.flatten(0, 1), dim=-1), ids.flatten(0, 1),
+                                                 reduction="none"),
+    "nll-mean-ignore": lambda z, ids: F.nll_loss(torch.log_softmax(z.flatten(0, 1), -1),
+                                                 ids.flatten(0, 1).masked_fill(ids.flatten(0, 1) < 8, 7),
+                                                 ignore_index=7),
+    # entropies
+    "trl-entropy_from_logits": lambda z, ids: entropy_from_logits(z[:, :-1]),
+    "p-log-p": lambda z, ids: -(torch.softmax(z.float(), -1) * torch.log_softmax(z.float(), -1)).sum(-1),
+    "exp-lsm-times-lsm": lambda z, ids: (lambda lp: -(lp * lp.exp()).sum(dim=-1, keepdim=True))(z.log_softmax(-1)),
+    "lse-minus-expected-logit": lambda z, ids: torch.logsumexp(z / 1.3, -1) - (torch.softmax(z / 1.3, -1) *
+                                                                               (z / 1.3)).sum(-1),
+}
+
+
+def _weighted(out, seed=1):
+    """A scalar from per-token values with a different upstream gradient for each (as advantages, masks do)."""
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.dtype)
+    return (out * g).sum()
+
+
+def _leaves(h, w, b):
+    return [t for t in (h, w, b) if t is not None]
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("name", sorted(SPELLINGS))
+def test_spelling_is_fused_and_matches_eager_fp32(name, bias):
+    fn = SPELLINGS[name]
+    h, w, b, ids = _inputs(bias=bias)
+    ref = fn(F.linear(h, w, b), ids)
+    ref_grads = torch.autograd.grad(_weighted(ref), _leaves(h, w, b))
+    z = lazy_logits(h, w, b)
+    with BigTensors(B * T * V // 2, last_dim=V) as big:  # no (N, V) nor half of one, forward or backward
+        out = fn(z, ids)
+        grads = torch.autograd.grad(_weighted(out), _leaves(h, w, b))
+    assert big.seen == [], big.seen
+    assert is_lazy(z), "the spelling materialized the logits"
+    assert type(out) is torch.Tensor and out.dtype == ref.dtype and out.shape == ref.shape
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for g, r, n in zip(grads, ref_grads, ("h", "W", "b")):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5, msg=lambda m: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("name", ["trl-selective-rows", "gather-minus-logsumexp", "ce-none", "p-log-p",
+                                  "trl-entropy_from_logits", "top3-log-probs", "logits-gather"])
+def test_spelling_bf16_within_torch_error(name):
+    """bf16 lm_head: ours against the fp32 reference within 2x eager bf16's own error, per tensor
+    (tolerance.assert_max_error_rule) for the values and each gradient. Not elementwise: both sides start from the
+    same bf16 logits, whose rounding (half an ulp of |z|, 0.03 at z = 8) dominates a log-prob's error; eager then
+    rounds `z / T` and its log-softmax again in bf16, which at single tokens happens to cancel part of it (one
+    token: ours 2 ulps from the fp32 reference, eager's 1), while ours computes from the bf16 logits in fp32."""
+    fn = SPELLINGS[name]
+    h, w, b, ids = _inputs(dtype=torch.bfloat16, bias=True)
+    h32, w32, b32 = (t.detach().float().requires_grad_() for t in (h, w, b))
+    ref = fn(F.linear(h32, w32, b32), ids)
+    ref_grads = torch.autograd.grad(_weighted(ref), (h32, w32, b32))
+    same = fn(F.linear(h, w, b), ids)
+    same_grads = torch.autograd.grad(_weighted(same), (h, w, b))
+    z = lazy_logits(h, w, b)
+    out = fn(z, ids)
+    assert is_lazy(z) and out.dtype == same.dtype
+    grads = torch.autograd.grad(_weighted(out), (h, w, b))
+    assert_max_error_rule(out.detach(), ref.detach(), same.detach(), name="value")
+    for g, r, s, n in zip(grads, ref_grads, same_grads, ("h", "W", "b")):
+        assert g.dtype == torch.bfloat16
+        assert_max_error_rule(g, r, s, name=n)
+
+
+def test_op_calls_per_spelling():
+    """What runs: the fused op once per sequence (TRL's per-row loops) or per chunk of rows; a gather of the logits
+    themselves is no op at all (row dot products)."""
+    calls = []
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func).startswith("liger_fx."):
+                calls.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    h, w, b, ids = _inputs()
+    for name, expected in (("trl-selective-fp32", B), ("trl-selective-rows", B), ("ce-none", 1),
+                           ("trl-entropy_from_logits", -(-B * (T - 1) // 4)), ("logits-gather", 0)):
+        calls.clear()
+        with Ops():
+            SPELLINGS[name](lazy_logits(h, w, b), ids)
+        assert calls == ["liger_fx.fused_linear_logprobs.default"] * expected, (name, calls)
+
+
+def test_no_grad_reference_model_log_probs():
+    """A frozen reference model's log-probs under no_grad: lazy, fused, no gradient, eager's values."""
+    h, w, b, ids = _inputs(bias=True)
+    with torch.no_grad():
+        z = lazy_logits(h, w, b)
+        out = selective_log_softmax(z / 0.9, ids)
+        ent = entropy_from_logits(z)
+    assert is_lazy(z) and not out.requires_grad and not ent.requires_grad
+    torch.testing.assert_close(out, selective_log_softmax(F.linear(h, w, b).detach() / 0.9, ids))
+    torch.testing.assert_close(ent, entropy_from_logits(F.linear(h, w, b).detach()), atol=1e-5, rtol=1e-5)
+
+
+def test_detached_factor_keeps_eagers_gradient_path():
+    """`p.detach() * log p` is not the entropy's product (its gradient flows through one factor): it materializes,
+    with eager's gradients; a detached log-prob gather gives no gradient."""
+    h, w, b, ids = _inputs()
+
+    def fn(z):
+        lp = torch.log_softmax(z, -1)
+        return -(lp.exp().detach() * lp).sum(-1)
+
+    ref = fn(F.linear(h, w))
+    ref_grads = torch.autograd.grad(_weighted(ref), (h, w))
+    z = lazy_logits(h, w)
+    out = fn(z)
+    torch.testing.assert_close(out, ref)
+    for g, r in zip(torch.autograd.grad(_weighted(out), (h, w)), ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+    z = lazy_logits(h, w)
+    lp = F.log_softmax(z.detach(), -1).gather(-1, ids[..., None])
+    assert is_lazy(z) and not lp.requires_grad
+
+
+OTHER_USES = {
+    "log_softmax-dim0": lambda z, ids: F.log_softmax(z, 0).gather(-1, ids[..., None]),
+    "gather-dim1": lambda z, ids: torch.log_softmax(z, -1).gather(1, (ids[:, :5, None] % T).expand(B, 5, V)),
+    "log-probs-summed": lambda z, ids: torch.log_softmax(z, -1).sum(),
+    "probs-times-mask": lambda z, ids: (torch.softmax(z, -1) * (z > 0)).sum(-1),
+    "entropy-summed-over-all": lambda z, ids: (torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(),
+    "softmax-of-log_softmax": lambda z, ids: torch.softmax(torch.log_softmax(z, -1) * 2.0, -1).gather(
+        -1, ids[..., None]),
+    "argmax": lambda z, ids: (torch.log_softmax(z, -1).argmax(-1) == ids).float() + z.logsumexp(-1),
+    "gather-broadcast-index": lambda z, ids: torch.log_softmax(z, -1).gather(-1, ids[:1, :, None]),
+    "ce-none-label-smoothing": lambda z, ids: F.cross_entropy(z.flatten(0, 1), ids.flatten(0, 1), reduction="none",
+                                                              label_smoothing=0.1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OTHER_USES))
+def test_other_uses_materialize_with_eager_values_and_gradients(name):
+    fn = OTHER_USES[name]
+    h, w, b, ids = _inputs(bias=True)
+    ref = fn(F.linear(h, w, b), ids)
+    z = lazy_logits(h, w, b)
+    out = fn(z, ids)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    if ref.requires_grad:
+        ref_grads = torch.autograd.grad(_weighted(ref), (h, w, b))
+        for g, r in zip(torch.autograd.grad(_weighted(out), (h, w, b)), ref_grads):
+            torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+
+
+def test_log_probs_stay_lazy_until_read_and_read_as_eager():
+    """A log_softmax of lazy logits is itself lazy (a LazyLogits: printing, indexing into the vocabulary, or any
+    unknown op reads it) and its views stay lazy; once read it is eager's tensor."""
+    h, w, b, ids = _inputs()
+    z = lazy_logits(h, w)
+    lp = F.log_softmax(z.float(), dim=-1)
+    assert type(lp) is LazyLogits and is_lazy(lp) and lp.shape == (B, T, V) and lp.dtype == torch.float32
+    rows = lp[:, 1:]
+    assert is_lazy(rows)
+    torch.testing.assert_close(rows[..., :7], F.log_softmax(F.linear(h, w), -1)[:, 1:, :7])
+    assert is_lazy(z), "reading the log-probs made the logits too"
+
+
+def test_a_compiled_model_returns_lazy_logits_that_trl_functions_take_fused():
+    """`liger_fx.apply` in training without labels (as a trainer asks for logits and computes its log-probs itself):
+    the logits come back lazy; TRL's selective_log_softmax and entropy_from_logits on them, a GRPO-style loss: no
+    N x V tensor in the eager part, loss and every gradient equal eager's (Inductor reorders: fp32 1e-5)."""
+    from liger_fx.models import mini_model
+
+    policy = mini_model("llama", num_hidden_layers=1, vocab_size=256)
+    compiled = copy.deepcopy(policy)
+    liger_fx.apply(compiled)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 256, (4, 40), generator=g)  # half of N x V (19968) exceeds W (256 x 64)
+    adv = torch.randn(4, 1, generator=g)
+
+    def loss_fn(logits):
+        logits = logits[:, :-1]
+        logps = selective_log_softmax(logits / 0.9, ids[:, 1:])
+        with torch.no_grad():
+            ent = entropy_from_logits(logits)
+        return -(torch.exp(logps - logps.detach()) * adv).mean() + 0 * ent.mean()
+
+    ref = loss_fn(policy(input_ids=ids).logits)
+    ref.backward()
+    logits = compiled(input_ids=ids).logits  # outside the dispatch mode, which would turn torch.compile off
+    assert isinstance(logits, LazyLogits) and is_lazy(logits), type(logits)
+    with BigTensors(4 * 39 * 256 // 2, last_dim=256) as big:
+        loss = loss_fn(logits)
+    assert big.seen == [] and is_lazy(logits), big.seen
+    loss.backward()
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-4)
+    for (n, p), (_, q) in zip(compiled.named_parameters(), policy.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"{n}: {m}")
