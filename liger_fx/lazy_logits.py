@@ -16,8 +16,8 @@ What a LazyLogits does with each use (`__torch_function__`, above autograd):
 - views that keep the vocabulary as the last, contiguous dim (`flatten(0, 1)`, `view(-1, V)`, `reshape`, `[:, :-1]`,
   `narrow`, `split`, `chunk`, `unbind`, `transpose` of leading dims, `squeeze`/`unsqueeze`, `detach`, a no-op
   `contiguous`) return a LazyLogits of the same h rows (the op applied to h: a view of h, not of N x V);
-- `float()`/`to(dtype)`, multiplication or division by a Python number (a temperature, a scale) and `tanh` (a
-  softcap) return a LazyLogits that replays them after the matmul;
+- `float()`/`to(dtype)`, multiplication or division by a Python number (a temperature, a scale), a negation and
+  `tanh` (a softcap) return a LazyLogits that replays them after the matmul;
 - a consumer in `CONSUMERS` takes it fused: `F.cross_entropy` (any spelling that ends there, `nn.CrossEntropyLoss`
   too) with reduction "mean" or "sum" runs `liger_fx::linear_cross_entropy` on (h, W, b), folding the replayed casts,
   scales and softcap into the op's (softcap, logit_scale) as the in-graph rewrite does; token log-probs, entropies,
@@ -537,6 +537,8 @@ def _elementwise_op(func, args, kwargs) -> Optional[_Op]:
         return ("cast", dtype) if dtype.is_floating_point else None
     if func in (torch.tanh, torch.Tensor.tanh):
         return ("tanh",) if len(args) == 1 and not kwargs else None
+    if func in (torch.neg, torch.Tensor.neg, torch.Tensor.__neg__, torch.negative):  # -log_softmax (label smoothing)
+        return ("mul", -1.0) if len(args) == 1 and not kwargs else None
     if func in (torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__, torch.multiply):
         if len(args) == 2 and not kwargs:
             a, b = args
@@ -627,8 +629,9 @@ _LAZY_OPS: dict[Callable, tuple[Callable, ...]] = {}
 for _f in _RESHAPES | _SELECTS:
     _LAZY_OPS[_f] = (_view,)
 for _f in (torch.Tensor.float, torch.Tensor.half, torch.Tensor.bfloat16, torch.Tensor.double, torch.Tensor.to,
-           torch.tanh, torch.Tensor.tanh, torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__,
-           torch.multiply, torch.div, torch.Tensor.div, torch.Tensor.__truediv__, torch.divide, torch.true_divide):
+           torch.tanh, torch.Tensor.tanh, torch.neg, torch.Tensor.neg, torch.Tensor.__neg__, torch.negative,
+           torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__, torch.multiply, torch.div,
+           torch.Tensor.div, torch.Tensor.__truediv__, torch.divide, torch.true_divide):
     _LAZY_OPS[_f] = (_elementwise,)
 _LAZY_OPS[torch.Tensor.detach] = (_detach,)
 _LAZY_OPS[torch.Tensor.contiguous] = (_contiguous,)

@@ -3,7 +3,7 @@ trainers compute from a model's returned logits, outside the model (TRL's `selec
 `entropy_from_logits`, GRPO/PPO/DPO loops, per-token losses).
 
 A small algebra over the rows of one lm_head. A LazyLogits stands for one of these per-row values of the logits
-Z = t(h @ W^T + b), t being the casts, scales (a temperature) and softcap lazy_logits.py keeps lazy:
+Z = t(h @ W^T + b), t being the casts, scales (a temperature, a negation) and softcap lazy_logits.py keeps lazy:
 
     Z                  the logits
     LSM = log_softmax(Z, -1)
@@ -19,6 +19,8 @@ other use still materializes it with eager's values and gradients. What leaves t
     logsumexp(Z, -1)            lse                              the op, no target
     sum(P * LSM, -1)            -entropy                         the op with the entropy
     sum(P * Z, -1)              lse - entropy
+    sum(Z, -1), sum(LSM, -1)    scale * (h . sum(W) + sum(b)) (- V * lse)   a label-smoothing loss; no softcap
+    (mean(., -1): the same over V)
     cross_entropy(Z, y, reduction="none")   lse - z_t, 0 where y == ignore_index
     nll_loss(LSM, y, reduction)             the same, reduced as torch reduces
 
@@ -61,7 +63,8 @@ class _Form:
     kind: str
     """"logits" (Z), "log_softmax", "softmax", "p_log_p" (P * LSM) or "p_z" (P * Z)."""
     tail: tuple = ()
-    """Casts after a log_softmax or softmax."""
+    """Casts and scales (a negation) after a log_softmax or softmax: elementwise, so they commute with a gather and
+    (scales) with a sum."""
 
 
 def _form(x: LazyLogits) -> Optional[_Form]:
@@ -69,7 +72,7 @@ def _form(x: LazyLogits) -> Optional[_Form]:
     for i, op in enumerate(ops):
         if op[0] in ("log_softmax", "softmax"):
             tail = ops[i + 1:]
-            if any(t[0] != "cast" for t in tail):
+            if any(t[0] not in ("cast", "mul", "div") for t in tail):
                 return None
             return _Form(ops[:i], op[0], tail)
         if op[0] == "prod":
@@ -147,7 +150,8 @@ def _row_logits(x: LazyLogits, index: torch.Tensor) -> torch.Tensor:
 
 
 def _cast_like(x: LazyLogits, value: torch.Tensor, form: _Form) -> torch.Tensor:
-    """An fp32 value of the log_softmax / softmax / product in the dtype eager's has, then the tail casts."""
+    """An fp32 value of the log_softmax / softmax / product in the dtype eager's has, then the tail's casts and
+    scales."""
     return _replay(value.to(_dtype_after(x, form.base + ((form.kind,),) if form.kind in ("log_softmax", "softmax")
                                          else form.base)), form.tail)
 
@@ -296,22 +300,23 @@ for _f in (torch.gather, torch.Tensor.gather, torch.take_along_dim, torch.Tensor
 
 
 def _reduce_args(args, kwargs):
+    """(input, dim, keepdim, dtype) of a reduction over a dim (logsumexp, sum, mean), or None."""
     names = ("input", "dim", "keepdim")
-    if len(args) > len(names) or set(kwargs) - set(names) - {"dtype"} or kwargs.get("dtype") is not None:
+    if len(args) > len(names) or set(kwargs) - set(names) - {"dtype"}:
         return None
     a = dict(zip(names, args))
     if set(a) & set(kwargs):
         return None
     a.update(kwargs)
-    return a.get("input"), a.get("dim"), bool(a.get("keepdim", False))
+    return a.get("input"), a.get("dim"), bool(a.get("keepdim", False)), a.get("dtype")
 
 
 def _logsumexp(func, *args, **kwargs):
     parsed = _reduce_args(args, kwargs)
     if parsed is None:
         return NotImplemented
-    x, dim, keepdim = parsed
-    if not isinstance(x, LazyLogits) or not _last(dim, x.dim()):
+    x, dim, keepdim, dtype = parsed
+    if not isinstance(x, LazyLogits) or not _last(dim, x.dim()) or dtype is not None:
         return NotImplemented
     form = _form(x)
     if form is None or form.kind != "logits":
@@ -327,26 +332,63 @@ for _f in (torch.logsumexp, torch.Tensor.logsumexp, torch.special.logsumexp):
     register_consumer(_f)(_logsumexp)
 
 
+def _row_sum(x: LazyLogits, base) -> Optional[torch.Tensor]:
+    """sum_j z_j over the vocabulary, fp32, where z is linear in the matmul (no softcap): scale * (h . sum_j W_j +
+    sum_j b_j), O(N*H + V*H); None under a softcap."""
+    f = fold(base)
+    if f is None or f[0] != 0.0:
+        return None
+    h, w, b = x.operands()
+    with torch.autocast(h.device.type, enabled=False):
+        total = h.float() @ w.float().sum(0)
+        if b is not None:
+            total = total + b.float().sum()
+    return total * f[1]
+
+
+def _scales(value: torch.Tensor, tail) -> torch.Tensor:
+    """The tail's scales (a negation) on an fp32 sum; its casts are the caller's (a sum is not rounded per element)."""
+    return _replay(value, tuple(op for op in tail if op[0] != "cast"))
+
+
 def _sum(func, *args, **kwargs):
-    """The sum over the vocabulary of P * LSM (-entropy) or P * Z (lse - entropy)."""
+    """Sums (and means) over the vocabulary: of P * LSM (-entropy) or P * Z (lse - entropy) by the op's entropy; of
+    the logits or their log-softmax (a label-smoothing loss) by the row sum of a linear function, minus V * lse."""
     parsed = _reduce_args(args, kwargs)
     if parsed is None:
         return NotImplemented
-    x, dim, keepdim = parsed
+    x, dim, keepdim, dtype = parsed
     if not isinstance(x, LazyLogits) or dim is None or not _last(dim, x.dim()):
         return NotImplemented
     form = _form(x)
-    if form is None or form.kind not in ("p_log_p", "p_z"):
+    if form is None:
         return NotImplemented
-    stats = _stats(x, form.base, entropy=True)
-    if stats is None:
+    V = x.shape[-1]
+    if form.kind in ("p_log_p", "p_z"):
+        stats = _stats(x, form.base, entropy=True)
+        if stats is None:
+            return NotImplemented
+        _, lse, ent = stats
+        out = -ent if form.kind == "p_log_p" else lse - ent
+    elif form.kind in ("logits", "log_softmax"):
+        total = _row_sum(x, form.base)
+        if total is None:
+            return NotImplemented
+        if form.kind == "log_softmax":
+            stats = _stats(x, form.base)
+            if stats is None:
+                return NotImplemented
+            total = total - V * stats[1]
+        out = _scales(total, form.tail)
+    else:
         return NotImplemented
-    _, lse, ent = stats
-    out = (-ent if form.kind == "p_log_p" else lse - ent).to(x.dtype)
+    if func in (torch.mean, torch.Tensor.mean):
+        out = out / V
+    out = out.to(dtype if dtype is not None else x.dtype)
     return out[..., None] if keepdim else out
 
 
-for _f in (torch.sum, torch.Tensor.sum):
+for _f in (torch.sum, torch.Tensor.sum, torch.mean, torch.Tensor.mean):
     register_consumer(_f)(_sum)
 
 

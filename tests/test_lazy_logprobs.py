@@ -35,6 +35,22 @@ def trl_selective_bf16_branch(z, ids):
     return torch.stack(rows).squeeze(-1)
 
 
+def label_smoother(z, ids, epsilon=0.1):
+    """transformers' LabelSmoother (Trainer's label_smoothing_factor; TRL's SFT with it), as written there: the
+    Trainer pops the labels, so the model returns its logits."""
+    logits, labels = z[..., :-1, :].contiguous(), ids[..., 1:].contiguous()
+    log_probs = -F.log_softmax(logits, dim=-1)
+    labels = labels.unsqueeze(-1).masked_fill(labels.unsqueeze(-1) % 7 == 0, -100)
+    padding_mask = labels.eq(-100)
+    labels = torch.clamp(labels, min=0)
+    nll_loss = log_probs.gather(dim=-1, index=labels)
+    smoothed_loss = log_probs.sum(dim=-1, keepdim=True, dtype=torch.float32)
+    nll_loss.masked_fill_(padding_mask, 0.0)
+    smoothed_loss.masked_fill_(padding_mask, 0.0)
+    n = padding_mask.numel() - padding_mask.long().sum()
+    return torch.stack([(1 - epsilon) * nll_loss.sum() / n, epsilon * smoothed_loss.sum() / (n * log_probs.shape[-1])])
+
+
 def _top3(ids):
     return torch.stack([ids, ids.flip(0), (ids * 7 + 3) % V], -1)
 
@@ -61,6 +77,11 @@ SPELLINGS = {
     "nll-mean-ignore": lambda z, ids: F.nll_loss(torch.log_softmax(z.flatten(0, 1), -1),
                                                  ids.flatten(0, 1).masked_fill(ids.flatten(0, 1) < 8, 7),
                                                  ignore_index=7),
+    # label smoothing, sums and means over the vocabulary
+    "label-smoother": label_smoother,
+    "mean-logits": lambda z, ids: (z / 0.8).mean(-1),
+    "sum-log-probs-keepdim": lambda z, ids: torch.log_softmax(z.float(), -1).sum(dim=-1, keepdim=True),
+    "neg-log-probs-gather": lambda z, ids: (-torch.log_softmax(z, -1)).gather(-1, ids[..., None]),
     # entropies
     "trl-entropy_from_logits": lambda z, ids: entropy_from_logits(z[:, :-1]),
     "p-log-p": lambda z, ids: -(torch.softmax(z.float(), -1) * torch.log_softmax(z.float(), -1)).sum(-1),
@@ -100,7 +121,7 @@ def test_spelling_is_fused_and_matches_eager_fp32(name, bias):
 
 
 @pytest.mark.parametrize("name", ["trl-selective-rows", "gather-minus-logsumexp", "ce-none", "p-log-p",
-                                  "trl-entropy_from_logits", "top3-log-probs", "logits-gather"])
+                                  "trl-entropy_from_logits", "top3-log-probs", "logits-gather", "label-smoother"])
 def test_spelling_bf16_within_torch_error(name):
     """bf16 lm_head: ours against the fp32 reference within 2x eager bf16's own error, per tensor
     (tolerance.assert_max_error_rule) for the values and each gradient. Not elementwise: both sides start from the
@@ -187,6 +208,7 @@ OTHER_USES = {
         -1, ids[..., None]),
     "argmax": lambda z, ids: (torch.log_softmax(z, -1).argmax(-1) == ids).float() + z.logsumexp(-1),
     "gather-broadcast-index": lambda z, ids: torch.log_softmax(z, -1).gather(-1, ids[:1, :, None]),
+    "softcapped-log-probs-summed": lambda z, ids: torch.log_softmax(torch.tanh(z / 3.0) * 3.0, -1).sum(-1),
     "ce-none-label-smoothing": lambda z, ids: F.cross_entropy(z.flatten(0, 1), ids.flatten(0, 1), reduction="none",
                                                               label_smoothing=0.1),
 }
@@ -220,9 +242,12 @@ def test_log_probs_stay_lazy_until_read_and_read_as_eager():
 
 
 def test_a_compiled_model_returns_lazy_logits_that_trl_functions_take_fused():
-    """`liger_fx.apply` in training without labels (as a trainer asks for logits and computes its log-probs itself):
-    the logits come back lazy; TRL's selective_log_softmax and entropy_from_logits on them, a GRPO-style loss: no
+    """`liger_fx.apply` in training without labels (as a trainer asks for logits and computes its log-probs itself,
+    or HF's Trainer with label_smoothing_factor, which pops the labels): the logits come back lazy; TRL's
+    selective_log_softmax and entropy_from_logits on them in a GRPO-style loss, plus transformers' LabelSmoother: no
     N x V tensor in the eager part, loss and every gradient equal eager's (Inductor reorders: fp32 1e-5)."""
+    from transformers.trainer_pt_utils import LabelSmoother
+
     from liger_fx.models import mini_model
 
     policy = mini_model("llama", num_hidden_layers=1, vocab_size=256)
@@ -237,7 +262,8 @@ def test_a_compiled_model_returns_lazy_logits_that_trl_functions_take_fused():
         logps = selective_log_softmax(logits / 0.9, ids[:, 1:])
         with torch.no_grad():
             ent = entropy_from_logits(logits)
-        return -(torch.exp(logps - logps.detach()) * adv).mean() + 0 * ent.mean()
+        smoothed = LabelSmoother(epsilon=0.1)({"logits": logits}, ids[:, 1:])
+        return -(torch.exp(logps - logps.detach()) * adv).mean() + 0 * ent.mean() + smoothed
 
     ref = loss_fn(policy(input_ids=ids).logits)
     ref.backward()
