@@ -18,6 +18,8 @@ What a LazyLogits does with each use (`__torch_function__`, above autograd):
   `contiguous`) return a LazyLogits of the same h rows (the op applied to h: a view of h, not of N x V);
 - `float()`/`to(dtype)`, multiplication or division by a Python number (a temperature, a scale), a negation and
   `tanh` (a softcap) return a LazyLogits that replays them after the matmul;
+- the same scales in place (`logits.div_(T)`) rebind a LazyLogits that no other live LazyLogits shares to the
+  scaled logits (its autograd history rebased as eager's in-place op's); with another view alive they materialize;
 - a consumer in `CONSUMERS` takes it fused: `F.cross_entropy` (any spelling that ends there, `nn.CrossEntropyLoss`
   too) with reduction "mean" or "sum" runs `liger_fx::linear_cross_entropy` on (h, W, b), folding the replayed casts,
   scales and softcap into the op's (softcap, logit_scale) as the in-graph rewrite does; token log-probs, entropies,
@@ -80,6 +82,16 @@ class _Source:
     versions: tuple = ()
     value: Optional[torch.Tensor] = None  # the materialized logits (autograd to h, W, b)
     snapshot: bool = False  # W (and b) were copied before an optimizer step
+    users: dict = field(default_factory=dict)  # id -> weakref of each LazyLogits of this source (not a WeakSet: it
+    # compares tensors with ==, which would be an elementwise op on them)
+
+    def add_user(self, t) -> None:
+        self.users[id(t)] = weakref.ref(t)
+
+    def live_users(self) -> list:
+        alive = [r() for r in self.users.values()]
+        self.users = {id(t): weakref.ref(t) for t in alive if t is not None}
+        return [t for t in alive if t is not None]
 
     def __post_init__(self):
         self.versions = self._versions()
@@ -227,6 +239,7 @@ class LazyLogits(torch.Tensor):
             device=src.h.device, requires_grad=False,
         )
         t._src, t._h, t._views, t._shadow, t._value = src, h, views, shadow, None
+        src.add_user(t)
         return t
 
     def __init__(self, *args, **kwargs):
@@ -514,6 +527,55 @@ def _derive(self: LazyLogits, op, shadow, ops=None) -> LazyLogits:
     return _make(new, h, (), torch.empty(shadow.shape, dtype=shadow.dtype, device="meta"))
 
 
+class _Rebind(torch.autograd.Function):
+    """The autograd record of an in-place scale of a LazyLogits (`_scale_in_place`): the tensor is marked dirty, so
+    its history is rebased as eager's in-place op rebases it (the gradient through the dispatch fallback's
+    `_Lazy` node is scaled)."""
+
+    @staticmethod
+    def forward(ctx, x, src, k):
+        ctx.k = k
+        x._src, x._views, x._value = src, (), None
+        src.add_user(x)
+        ctx.mark_dirty(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        return (g * ctx.k if g is not None else None), None, None
+
+
+def _scale_in_place(func, *args, **kwargs):
+    """`x.div_(k)`, `x.mul_(k)`, `x /= k`, `x *= k` by a number (a temperature: older GRPO loops write
+    `logits.div_(T)`) on lazy logits that no other live LazyLogits shares: x becomes the lazy `x * k` (a new source
+    over x's rows), so a log-prob or loss after it is still fused. Where another view of the same logits is alive it
+    would have to see the write: that materializes, as any in-place op does."""
+    if len(args) != 2 or kwargs or not isinstance(args[0], LazyLogits) or not _number(args[1]):
+        return NotImplemented
+    x, k = args[0], float(args[1])
+    divide = func in (torch.Tensor.div_, torch.Tensor.__itruediv__)
+    if divide and k == 0.0:
+        return NotImplemented
+    src = x._src
+    live = src.live_users()
+    if x._value is not None or src.value is not None or len(live) != 1 or live[0] is not x:
+        return NotImplemented
+    op = ("div", k) if divide else ("mul", k)
+    h, weight, bias = x._h, src.weight, src.bias
+    if not x.requires_grad:
+        h, weight, bias = h.detach(), weight.detach(), bias.detach() if bias is not None else None
+    new = _Source(h, weight, bias, src.ops + (op,), src.autocast, snapshot=src.snapshot)
+    src.users.pop(id(x), None)
+    _PENDING.discard(src)  # nothing can read the old source any more
+    if x.requires_grad and torch.is_grad_enabled():
+        with torch._C.DisableTorchFunctionSubclass():  # Function.apply would come back to __torch_function__
+            _Rebind.apply(x, new, 1.0 / k if divide else k)
+    else:
+        x._src, x._views, x._value = new, (), None
+        new.add_user(x)
+    return x
+
+
 def _number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
@@ -634,6 +696,8 @@ for _f in (torch.Tensor.float, torch.Tensor.half, torch.Tensor.bfloat16, torch.T
            torch.Tensor.div, torch.Tensor.__truediv__, torch.divide, torch.true_divide):
     _LAZY_OPS[_f] = (_elementwise,)
 _LAZY_OPS[torch.Tensor.detach] = (_detach,)
+for _f in (torch.Tensor.div_, torch.Tensor.mul_, torch.Tensor.__itruediv__, torch.Tensor.__imul__):
+    _LAZY_OPS[_f] = (_scale_in_place,)
 _LAZY_OPS[torch.Tensor.contiguous] = (_contiguous,)
 
 

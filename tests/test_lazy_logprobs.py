@@ -276,3 +276,56 @@ def test_a_compiled_model_returns_lazy_logits_that_trl_functions_take_fused():
     torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-4)
     for (n, p), (_, q) in zip(compiled.named_parameters(), policy.named_parameters()):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"{n}: {m}")
+
+
+def test_in_place_temperature_stays_fused_when_nothing_else_shares_the_logits():
+    """Older GRPO loops: `logits = model(...).logits; logits = logits[:, :-1]; logits = logits[:, -K:];
+    logits.div_(T)`: with no other view of the logits alive, the division is lazy and the log-probs fused (values,
+    gradients, no N x V); where another view is alive (it must see the write) it materializes, with eager's values
+    in both; `/=` under no_grad too. The dispatch fallback after it gets the scaled gradient."""
+    h, w, b, ids = _inputs(bias=True)
+    K = 8
+
+    def grpo(logits, views):
+        logits = logits[:, :-1]
+        logits = logits[:, -K:]
+        views.append(logits)
+        logits.div_(0.7)
+        return selective_log_softmax(logits, ids[:, -K:])
+
+    ref = grpo(F.linear(h, w, b), [])
+    ref_grads = torch.autograd.grad(_weighted(ref), (h, w, b))
+    views = []
+    with BigTensors(B * K * V // 2, last_dim=V) as big:
+        out = grpo(lazy_logits(h, w, b), views)  # the root and the first view are gone when div_ runs
+        grads = torch.autograd.grad(_weighted(out), (h, w, b))
+    assert big.seen == [] and is_lazy(views[0]), big.seen
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+
+    eager = F.linear(h, w, b)
+    eager_view = eager[:, 1:]
+    eager_view.mul_(3.0)
+    z = lazy_logits(h, w, b)
+    view = z[:, 1:]
+    view.mul_(3.0)  # z is alive and must see it
+    assert not is_lazy(z)
+    torch.testing.assert_close(z.materialize(), eager)
+    torch.testing.assert_close(view.materialize(), eager_view)
+
+    with torch.no_grad():
+        z = lazy_logits(h, w, b)
+        z /= 2.0
+        assert is_lazy(z)
+        torch.testing.assert_close(torch.logsumexp(z, -1), torch.logsumexp(F.linear(h, w, b) / 2.0, -1))
+
+    z = lazy_logits(h, w, b)[:, 2:]
+    z.mul_(3.0)
+    with torch._C.DisableTorchFunctionSubclass():  # below autograd: the rebased history carries the scale
+        o = (z * 1.0).pow(2).mean()
+    e = F.linear(h, w, b)[:, 2:] * 3.0
+    r = e.pow(2).mean()
+    torch.testing.assert_close(o, r)
+    for g, rg in zip(torch.autograd.grad(o, (h, w, b)), torch.autograd.grad(r, (h, w, b))):
+        torch.testing.assert_close(g, rg, atol=1e-5, rtol=1e-5)
