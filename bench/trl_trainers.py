@@ -106,8 +106,9 @@ class Watch:
              "liger_fx::linear_cross_entropy_logits")  # and their _backward ops
     PAUSE = "liger_fx_bench.paused"
 
-    def __init__(self, nbytes: int):
+    def __init__(self, nbytes: int, device: str = "cpu"):
         self.nbytes, self.big, self.big_in_op, self.fused, self.peak = nbytes, [], [], [], 0
+        self.device_type = 1 if device == "cuda" else 0  # the profiler's "Device Type" of a memory event
 
     def __enter__(self):
         from torch.profiler import ProfilerActivity, profile
@@ -133,6 +134,8 @@ class Watch:
                 ends[e.get("tid")] = e["ts"] + e["dur"]
         for e in events:
             if e.get("name") != "[memory]":
+                continue
+            if e["args"].get("Device Type", 0) != self.device_type:
                 continue
             t, nbytes = e["ts"], e["args"]["Bytes"]
             if any(a <= t <= b for a, b in paused):
@@ -205,7 +208,7 @@ def run(kind: str, hook: bool, model: str, *, steps: int = 2, flags: dict | None
                               generation_kwargs={"min_new_tokens": 32})  # every completion 32 tokens
         trainer = trl.GRPOTrainer(model=model, args=args, reward_funcs=parity_reward, train_dataset=dataset("grpo"),
                                   processing_class=tok)
-    watch = Watch(MIN_ROWS * VOCAB * 4)  # an fp32 N x V
+    watch = Watch(MIN_ROWS * VOCAB * (2 if dtype == "bfloat16" else 4), device)  # an N x V in the model's dtype
     if kind == "grpo":
         _pause_during(trainer, "_generate")  # sampling reads the logits: not part of the loss
     step = trainer.training_step
@@ -238,12 +241,13 @@ def run(kind: str, hook: bool, model: str, *, steps: int = 2, flags: dict | None
             cands += c
     breaks = sum(counters["graph_break"].values())
     return {
-        "trainer": kind, "hook": hook, "losses": losses, "logged": logged, "batch_checksum": seen, "fused": fused, "candidates": cands, "per_flag": per_flag,
+        "trainer": kind, "hook": hook, "losses": losses, "logged": logged, "batch_checksum": seen, "fused": fused,
+        "candidates": cands, "per_flag": per_flag,
         "graphs": len(records), "graph_breaks": breaks, "break_reasons": sorted(counters["graph_break"])[:4],
         "fused_lm_head_calls": len(watch.fused),
         "fused_ops": {n: watch.fused.count(n) for n in sorted(set(watch.fused))},
         "big": sorted(set(watch.big)), "n_big": len(watch.big), "big_in_fused_op": len(watch.big_in_op),
-        "threshold": f"{MIN_ROWS} x {VOCAB} fp32", "peak_bytes": watch.peak,
+        "threshold": f"{MIN_ROWS} x {VOCAB} {dtype}", "peak_bytes": watch.peak,
         "summaries": [r.summary() for r in records],
     }
 
@@ -279,14 +283,15 @@ def main(argv=None) -> int:
             print(json.dumps(r, default=str), flush=True)
         results.append(runs)
     print()
-    print("N x V made: allocations of at least an fp32 N x V (N = %d rows, V = %d) in the training step outside "
-          "liger-fx's fused ops (their CPU implementation, the torch reference, makes the logits inside: %s); "
-          "generation left out." % (MIN_ROWS, VOCAB, ", ".join(
+    print("N x V made: allocations of at least an N x V in the model's dtype (N = %d rows, V = %d) in the training "
+          "step outside liger-fx's fused ops (on CPU their implementation, the torch reference, makes the logits "
+          "inside: %s); generation left out." % (MIN_ROWS, VOCAB, ", ".join(
               f"{r['trainer']} {r['big_in_fused_op']}" for runs in results for r in runs.values() if r["hook"] and
               r["big_in_fused_op"])))
     print()
     print("| trainer | sites fused | lm_head fused | N x V made: hook / hook with TRL's head / no hook | graph breaks: "
-          "hook / with TRL's head | loss: hook / with TRL's head / no hook | grad norm: hook / with TRL's head / no hook |")
+          "hook / with TRL's head | loss: hook / with TRL's head / no hook | grad norm: hook / with TRL's head / no "
+          "hook |")
     print("|---|---|---|---|---|---|---|")
     for runs in results:
         ours, theirs, base = runs["hook"], runs["hook, TRL's head"], runs["no hook"]
@@ -294,7 +299,8 @@ def main(argv=None) -> int:
         print(f"| {ours['trainer']} | {ours['fused']}/{ours['candidates']} | "
               f"{'yes' if ours['fused_lm_head_calls'] else 'no'} ({ops or 'no fused op ran'}) | "
               f"{ours['n_big']} / {theirs['n_big']} / {base['n_big']} | {ours['graph_breaks']} / "
-              f"{theirs['graph_breaks']} | {_num(ours['losses'])} / {_num(theirs['losses'])} / {_num(base['losses'])} | "
+              f"{theirs['graph_breaks']} | {_num(ours['losses'])} / {_num(theirs['losses'])} / "
+              f"{_num(base['losses'])} | "
               f"{' / '.join(_num([r['logged'].get('grad_norm', float('nan'))]) for r in (ours, theirs, base))} |")
     if a.json:
         with open(a.json, "w") as f:
