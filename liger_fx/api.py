@@ -59,6 +59,7 @@ log = logging.getLogger("liger_fx")
 @dataclass
 class _Applied:
     flags: dict[str, bool]
+    config: LigerConfig
     compile_kwargs: dict[str, Any]
     compiled: Callable
     original_forward: Callable | None
@@ -90,7 +91,7 @@ def apply(model: torch.nn.Module, *, mode: str | None = None, dynamic: bool | No
     `mode` and `dynamic` go to `torch.compile`. Calling it again with the same arguments does nothing; with other
     arguments it recompiles. `remove(model)` undoes it.
     """
-    LigerConfig.from_options(flags)  # raises, naming the key
+    config = LigerConfig.from_options(flags)  # raises, naming the key
     target = base_model(model)
     compile_kwargs = {"mode": mode, "dynamic": dynamic}
     state: _Applied | None = target.__dict__.get("_liger_fx")
@@ -102,7 +103,7 @@ def apply(model: torch.nn.Module, *, mode: str | None = None, dynamic: bool | No
     # torch.compile refuses mode= with options=; the backend reads a "mode" entry of its options instead.
     options = {**flags, **({"mode": mode} if mode not in (None, "default") else {})}
     compiled = torch.compile(_run, backend="liger", options=options or None, dynamic=dynamic)
-    target._liger_fx = _Applied(dict(flags), compile_kwargs, compiled, original)
+    target._liger_fx = _Applied(dict(flags), config, compile_kwargs, compiled, original)
     target.forward = types.MethodType(_make_forward(target), target)
     log.info("liger_fx: %s.forward compiled with backend='liger'%s", type(target).__name__,
              f", flags {flags}" if flags else "")
@@ -122,6 +123,16 @@ def remove(model: torch.nn.Module) -> torch.nn.Module:
 
 def is_applied(model: torch.nn.Module) -> bool:
     return "_liger_fx" in base_model(model).__dict__
+
+
+_running: LigerConfig | None = None
+
+
+def running_config() -> LigerConfig | None:
+    """The flags of the liger-fx-applied model whose forward is running now (None outside one): for code the
+    compiled forward calls that picks its own fused path (integrations/trl.py: TRL's LM head). Read inside the
+    compiled region, it is a global Dynamo guards on."""
+    return _running
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -173,7 +184,12 @@ def _make_forward(target: torch.nn.Module) -> Callable:
                     kwargs["attention_mask"] = None  # no padding: the same as no mask (one host sync a step)
                 if kwargs.get("attention_mask") is None and kwargs.get("position_ids") is None:
                     scope.enter_context(_plain_causal_attention())
-            return self._liger_fx.compiled(self, skip, *args, **kwargs)
+            global _running
+            outer, _running = _running, self._liger_fx.config
+            try:
+                return self._liger_fx.compiled(self, skip, *args, **kwargs)
+            finally:
+                _running = outer
 
     forward.__name__ = "forward"
     return forward

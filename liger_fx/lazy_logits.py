@@ -16,11 +16,16 @@ What a LazyLogits does with each use (`__torch_function__`, above autograd):
 - views that keep the vocabulary as the last, contiguous dim (`flatten(0, 1)`, `view(-1, V)`, `reshape`, `[:, :-1]`,
   `narrow`, `split`, `chunk`, `unbind`, `transpose` of leading dims, `squeeze`/`unsqueeze`, `detach`, a no-op
   `contiguous`) return a LazyLogits of the same h rows (the op applied to h: a view of h, not of N x V);
-- `float()`/`to(dtype)`, multiplication or division by a Python number (a temperature, a scale) and `tanh` (a
-  softcap) return a LazyLogits that replays them after the matmul;
+- `float()`/`to(dtype)`, multiplication or division by a Python number (a temperature, a scale), a negation and
+  `tanh` (a softcap) return a LazyLogits that replays them after the matmul;
+- the same scales in place (`logits.div_(T)`) rebind a LazyLogits that no other live LazyLogits shares to the
+  scaled logits (its autograd history rebased as eager's in-place op's); with another view alive they materialize;
 - a consumer in `CONSUMERS` takes it fused: `F.cross_entropy` (any spelling that ends there, `nn.CrossEntropyLoss`
   too) with reduction "mean" or "sum" runs `liger_fx::linear_cross_entropy` on (h, W, b), folding the replayed casts,
-  scales and softcap into the op's (softcap, logit_scale) as the in-graph rewrite does;
+  scales and softcap into the op's (softcap, logit_scale) as the in-graph rewrite does; token log-probs, entropies,
+  a logsumexp and per-token losses (`reduction="none"`, `nll_loss` of a log-softmax) run
+  `liger_fx::fused_linear_logprobs` through a small algebra of lazy log-softmaxes, softmaxes and their products
+  (lazy_logprobs.py);
 - anything else materializes: the logits are computed once (`F.linear(h, W, b)` and the replayed ops, exactly as
   eager computes them, with autograd to h and W) and kept; that use and every later one (in-place writes included)
   see that tensor, so the lazy tensor behaves as the eager one would. Printing shows the values.
@@ -40,8 +45,8 @@ Nothing is silently wrong:
   logits' values and its gradient flows through the LazyLogits' own backward (the lm_head's); an in-place op there
   raises, as it could not be seen by later uses.
 
-Extending: `register_consumer(func)` adds a fused consumer (e.g. per-token losses with reduction="none", token
-log-probs); the handler gets the function's arguments and returns NotImplemented to let the next one (and in the end
+Extending: `register_consumer(func)` adds a fused consumer (lazy_logprobs.py registers its algebra this way); the
+handler gets the function's arguments and returns NotImplemented to let the next one (and in the end
 materialization) take the call.
 """
 
@@ -57,7 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten, tree_map_only
 
-__all__ = ["LazyLogits", "lazy_logits", "register_consumer", "CONSUMERS", "is_lazy"]
+__all__ = ["LazyLogits", "lazy_logits", "register_consumer", "CONSUMERS", "is_lazy", "fold"]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -77,6 +82,16 @@ class _Source:
     versions: tuple = ()
     value: Optional[torch.Tensor] = None  # the materialized logits (autograd to h, W, b)
     snapshot: bool = False  # W (and b) were copied before an optimizer step
+    users: dict = field(default_factory=dict)  # id -> weakref of each LazyLogits of this source (not a WeakSet: it
+    # compares tensors with ==, which would be an elementwise op on them)
+
+    def add_user(self, t) -> None:
+        self.users[id(t)] = weakref.ref(t)
+
+    def live_users(self) -> list:
+        alive = [r() for r in self.users.values()]
+        self.users = {id(t): weakref.ref(t) for t in alive if t is not None}
+        return [t for t in alive if t is not None]
 
     def __post_init__(self):
         self.versions = self._versions()
@@ -126,9 +141,44 @@ def _replay(z: torch.Tensor, ops) -> torch.Tensor:
             z = z / op[1]
         elif op[0] == "tanh":
             z = torch.tanh(z)
+        elif op[0] == "log_softmax":  # the token log-prob algebra (lazy_logprobs.py)
+            z = torch.log_softmax(z, -1)
+        elif op[0] == "softmax":
+            z = torch.softmax(z, -1)
+        elif op[0] == "prod":  # two functions of the same logits, multiplied: ("prod", ops_a, ops_b)
+            z = _replay(z, op[1]) * _replay(z, op[2])
         else:  # pragma: no cover - the ops are made here
             raise AssertionError(op)
     return z
+
+
+def fold(ops) -> Optional[tuple[float, float]]:
+    """(softcap, logit_scale) of the fused ops for replayed ops, or None when they do not fold (a cast to a dtype
+    other than fp32 between the matmul and the loss, two tanh, a scale of 0 before the tanh, anything but casts,
+    scales and a tanh). The fused ops compute transform(logits.float()) in fp32: as the in-graph rewrite
+    (patterns/linear_cross_entropy._fold)."""
+    pre, post, capped = 1.0, 1.0, False
+    for op in ops:
+        if op[0] == "cast":
+            if op[1] != torch.float32:
+                return None
+        elif op[0] == "tanh":
+            if capped:
+                return None
+            capped, post = True, pre
+        elif op[0] in ("mul", "div"):
+            k = op[1] if op[0] == "mul" else 1.0 / op[1]
+            if capped:
+                post *= k
+            else:
+                pre *= k
+        else:
+            return None
+    if not capped:
+        return 0.0, pre
+    if pre == 0:
+        return None
+    return 1.0 / abs(pre), 1.0 if abs(post - 1.0) < 1e-12 else post
 
 
 _PENDING: "weakref.WeakSet[_Source]" = weakref.WeakSet()
@@ -189,6 +239,7 @@ class LazyLogits(torch.Tensor):
             device=src.h.device, requires_grad=False,
         )
         t._src, t._h, t._views, t._shadow, t._value = src, h, views, shadow, None
+        src.add_user(t)
         return t
 
     def __init__(self, *args, **kwargs):
@@ -241,29 +292,8 @@ class LazyLogits(torch.Tensor):
         return h, w, b
 
     def fold(self) -> Optional[tuple[float, float]]:
-        """(softcap, logit_scale) of the fused ops for the replayed ops, or None when they do not fold (a cast to a
-        dtype other than fp32 between the matmul and the loss, two tanh, a scale of 0 before the tanh). The fused
-        op computes transform(logits.float()) in fp32: as the in-graph rewrite (patterns/linear_cross_entropy._fold)."""
-        pre, post, capped = 1.0, 1.0, False
-        for op in self._src.ops:
-            if op[0] == "cast":
-                if op[1] != torch.float32:
-                    return None
-            elif op[0] == "tanh":
-                if capped:
-                    return None
-                capped, post = True, pre
-            else:
-                k = op[1] if op[0] == "mul" else 1.0 / op[1]
-                if capped:
-                    post *= k
-                else:
-                    pre *= k
-        if not capped:
-            return 0.0, pre
-        if pre == 0:
-            return None
-        return 1.0 / abs(pre), 1.0 if abs(post - 1.0) < 1e-12 else post
+        """(softcap, logit_scale) of the fused ops for this tensor's replayed ops (module-level `fold`), or None."""
+        return fold(self._src.ops)
 
     @property
     def materialized(self) -> bool:
@@ -483,16 +513,67 @@ def _contiguous(func, *args, **kwargs):
     return _derive(self, None, self._shadow.contiguous())
 
 
-def _derive(self: LazyLogits, op, shadow) -> LazyLogits:
-    """A new source (eager makes a new tensor) computing `op` after this tensor's ops, over this tensor's rows;
-    without a gradient path where this tensor has none (eager's result would have none)."""
+def _derive(self: LazyLogits, op, shadow, ops=None) -> LazyLogits:
+    """A new source (eager makes a new tensor) computing `op` after this tensor's ops (or `ops` of the linear's
+    output in their place), over this tensor's rows; without a gradient path where this tensor has none (eager's
+    result would have none)."""
     src = self._src
     h, weight, bias = self._h, src.weight, src.bias
     if not self.requires_grad:
         h, weight, bias = h.detach(), weight.detach(), bias.detach() if bias is not None else None
-    ops = src.ops + ((op,) if op is not None else ())
+    if ops is None:
+        ops = src.ops + ((op,) if op is not None else ())
     new = _Source(h, weight, bias, ops, src.autocast, snapshot=src.snapshot)
     return _make(new, h, (), torch.empty(shadow.shape, dtype=shadow.dtype, device="meta"))
+
+
+class _Rebind(torch.autograd.Function):
+    """The autograd record of an in-place scale of a LazyLogits (`_scale_in_place`): the tensor is marked dirty, so
+    its history is rebased as eager's in-place op rebases it (the gradient through the dispatch fallback's
+    `_Lazy` node is scaled)."""
+
+    @staticmethod
+    def forward(ctx, x, src, k):
+        ctx.k = k
+        x._src, x._views, x._value = src, (), None
+        src.add_user(x)
+        ctx.mark_dirty(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        return (g * ctx.k if g is not None else None), None, None
+
+
+def _scale_in_place(func, *args, **kwargs):
+    """`x.div_(k)`, `x.mul_(k)`, `x /= k`, `x *= k` by a number (a temperature: older GRPO loops write
+    `logits.div_(T)`) on lazy logits that no other live LazyLogits shares: x becomes the lazy `x * k` (a new source
+    over x's rows), so a log-prob or loss after it is still fused. Where another view of the same logits is alive it
+    would have to see the write: that materializes, as any in-place op does."""
+    if len(args) != 2 or kwargs or not isinstance(args[0], LazyLogits) or not _number(args[1]):
+        return NotImplemented
+    x, k = args[0], float(args[1])
+    divide = func in (torch.Tensor.div_, torch.Tensor.__itruediv__)
+    if divide and k == 0.0:
+        return NotImplemented
+    src = x._src
+    live = src.live_users()
+    if x._value is not None or src.value is not None or len(live) != 1 or live[0] is not x:
+        return NotImplemented
+    op = ("div", k) if divide else ("mul", k)
+    h, weight, bias = x._h, src.weight, src.bias
+    if not x.requires_grad:
+        h, weight, bias = h.detach(), weight.detach(), bias.detach() if bias is not None else None
+    new = _Source(h, weight, bias, src.ops + (op,), src.autocast, snapshot=src.snapshot)
+    src.users.pop(id(x), None)
+    _PENDING.discard(src)  # nothing can read the old source any more
+    if x.requires_grad and torch.is_grad_enabled():
+        with torch._C.DisableTorchFunctionSubclass():  # Function.apply would come back to __torch_function__
+            _Rebind.apply(x, new, 1.0 / k if divide else k)
+    else:
+        x._src, x._views, x._value = new, (), None
+        new.add_user(x)
+    return x
 
 
 def _number(x) -> bool:
@@ -518,6 +599,8 @@ def _elementwise_op(func, args, kwargs) -> Optional[_Op]:
         return ("cast", dtype) if dtype.is_floating_point else None
     if func in (torch.tanh, torch.Tensor.tanh):
         return ("tanh",) if len(args) == 1 and not kwargs else None
+    if func in (torch.neg, torch.Tensor.neg, torch.Tensor.__neg__, torch.negative):  # -log_softmax (label smoothing)
+        return ("mul", -1.0) if len(args) == 1 and not kwargs else None
     if func in (torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__, torch.multiply):
         if len(args) == 2 and not kwargs:
             a, b = args
@@ -576,7 +659,8 @@ _CE_SIGNATURE = inspect.signature(F.cross_entropy)
 def _cross_entropy(func, *args, **kwargs):
     """`F.cross_entropy(logits (N, V), target (N,))`, reduction "mean" or "sum", class-index targets, no class weight
     or label smoothing: `liger_fx::linear_cross_entropy` on (h, W, b), never making the N x V logits. What it does
-    not take (reduction="none", 3-D logits with the classes in dim 1, probability targets) falls through."""
+    not take (3-D logits with the classes in dim 1, probability targets) falls through; reduction="none":
+    lazy_logprobs._cross_entropy_none."""
     try:
         a = _CE_SIGNATURE.bind(*args, **kwargs).arguments
     except TypeError:
@@ -607,10 +691,13 @@ _LAZY_OPS: dict[Callable, tuple[Callable, ...]] = {}
 for _f in _RESHAPES | _SELECTS:
     _LAZY_OPS[_f] = (_view,)
 for _f in (torch.Tensor.float, torch.Tensor.half, torch.Tensor.bfloat16, torch.Tensor.double, torch.Tensor.to,
-           torch.tanh, torch.Tensor.tanh, torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__,
-           torch.multiply, torch.div, torch.Tensor.div, torch.Tensor.__truediv__, torch.divide, torch.true_divide):
+           torch.tanh, torch.Tensor.tanh, torch.neg, torch.Tensor.neg, torch.Tensor.__neg__, torch.negative,
+           torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__, torch.multiply, torch.div,
+           torch.Tensor.div, torch.Tensor.__truediv__, torch.divide, torch.true_divide):
     _LAZY_OPS[_f] = (_elementwise,)
 _LAZY_OPS[torch.Tensor.detach] = (_detach,)
+for _f in (torch.Tensor.div_, torch.Tensor.mul_, torch.Tensor.__itruediv__, torch.Tensor.__imul__):
+    _LAZY_OPS[_f] = (_scale_in_place,)
 _LAZY_OPS[torch.Tensor.contiguous] = (_contiguous,)
 
 
@@ -646,3 +733,6 @@ _METADATA = {
     torch.Tensor.stride, torch.Tensor.is_contiguous, torch.Tensor.storage_offset, torch.Tensor.__len__,
     torch.Tensor.__hash__, torch.Tensor.__dir__, torch.numel,
 }
+
+
+from . import lazy_logprobs  # noqa: E402,F401  (registers the token log-prob algebra's consumers)

@@ -62,6 +62,13 @@ def apply_liger_kernel(model, kernel_config=None):
     api.apply(model, **flags)
     log.info("liger_fx: use_liger_kernel=True -> %s compiled with backend='liger' (flags %s)",
              type(api.base_model(model)).__name__, flags or "default")
+    from . import trl
+
+    config = api.base_model(model)._liger_fx.config
+    if trl.install(config):  # TRL's trainers: their own LM head on the model's forward (integrations/trl.py)
+        line = trl.describe(model, config)
+        if line is not None:
+            (log.info if "runs liger_fx::" in line else log.warning)("liger_fx: %s", line)
 
 
 def _build_accelerator_args(self, **kwargs):
@@ -140,6 +147,9 @@ def uninstall() -> None:
     if _original_build is not None:
         hf_trainer.Trainer._build_accelerator_args = _original_build
         _original_build = None
+    from . import trl
+
+    trl.uninstall()
     if _original is None:
         return
     hf_liger.apply_liger_kernel = _original

@@ -52,10 +52,12 @@ skipped; a negative id other than ignore_index gives NaN, loudly, as torch's gat
 
 @triton.jit
 def _fused_linear_logprobs_fwd_kernel(
-    X, TARGET, ZT, LSE, ENT, stride_x, V, ignore_index, softcap, scale,
-    HAS_TARGET: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+    X, TARGET, ZT, LSE, ENT, TOP1, ZMEAN, LSQ, stride_x, V, ignore_index, softcap, scale,
+    HAS_TARGET: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ENTROPY: tl.constexpr, METRICS: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
-    """Per row of X (logits in the matmul's dtype): lse, and z_t (HAS_TARGET) and the entropy (ENTROPY), fp32."""
+    """Per row of X (logits in the matmul's dtype): lse, and z_t (HAS_TARGET) and the entropy (ENTROPY), fp32; with
+    METRICS (needs a target) whether the target is the first argmax, the mean logit and log(sum p^2)."""
     softcap, scale = tl.cast(softcap, tl.float32), tl.cast(scale, tl.float32)  # fp64 from Inductor: see rms_norm.py
     row = tl.program_id(0).to(tl.int64)
     X += row * stride_x
@@ -67,6 +69,9 @@ def _fused_linear_logprobs_fwd_kernel(
         m = float("-inf")
         d = 0.0
         s = 0.0  # sum exp(z - m) * z: the entropy's expectation of z, rescaled with d
+        m_before = float("-inf")  # METRICS: the max over the columns before the target (argmax takes the first)
+        z_sum = 0.0
+        sq = 0.0  # sum exp(2 (z - m)), rescaled with d's alpha squared
         for start in range(0, V, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             mask = cols < V
@@ -79,6 +84,10 @@ def _fused_linear_logprobs_fwd_kernel(
             d = d * alpha + tl.sum(b_e, axis=0)
             if ENTROPY:
                 s = s * alpha + tl.sum(b_e * b_zf, axis=0)
+            if METRICS:
+                m_before = tl.maximum(m_before, tl.max(tl.where(cols < t, b_z, float("-inf")), axis=0))
+                z_sum += tl.sum(tl.where(mask, b_zf, 0.0), axis=0)
+                sq = sq * alpha * alpha + tl.sum(b_e * b_e, axis=0)
             m = m_new
         lse = m + tl.log(d)
         tl.store(LSE + row, lse)
@@ -88,13 +97,22 @@ def _fused_linear_logprobs_fwd_kernel(
             # An out-of-range target (torch's gather raises) gives NaN: loud, and no out-of-bounds read.
             in_range = (t >= 0) & (t < V)
             x_t = tl.load(X + t, mask=in_range, other=0.0).to(tl.float32)
-            tl.store(ZT + row, tl.where(in_range, _transform(x_t, softcap, scale, HAS_SOFTCAP), float("nan")))
+            z_t = tl.where(in_range, _transform(x_t, softcap, scale, HAS_SOFTCAP), float("nan"))
+            tl.store(ZT + row, z_t)
+            if METRICS:  # z_t and m are the same fp32 values of the same logit: equal at the argmax
+                tl.store(TOP1 + row, (z_t >= m) & (z_t > m_before))
+                tl.store(ZMEAN + row, z_sum / V)
+                tl.store(LSQ + row, tl.log(sq) - 2.0 * tl.log(d))
     else:
         tl.store(LSE + row, 0.0)
         if ENTROPY:
             tl.store(ENT + row, 0.0)
         if HAS_TARGET:
             tl.store(ZT + row, 0.0)
+            if METRICS:
+                tl.store(TOP1 + row, tl.zeros((), dtype=tl.int1))
+                tl.store(ZMEAN + row, 0.0)
+                tl.store(LSQ + row, 0.0)
 
 
 @triton.jit
@@ -171,20 +189,27 @@ def _logits_into(buf, h_c, weight, bias):
 
 def fused_linear_logprobs_fwd(h, weight, bias, target, ignore_index: int = -100, softcap: float = 0.0,
                               logit_scale: float = 1.0, entropy: bool = False, chunk: int | None = None,
-                              block_v: int | None = None):
+                              block_v: int | None = None, metrics: bool = False):
     """h (N, H), weight (V, H), bias (V,) or None, target (N,) or None -> (z_t, lse, ent), each fp32 (N,); z_t
-    without a target and ent without `entropy` are empty (0,) tensors."""
+    without a target and ent without `entropy` are empty (0,) tensors. With `metrics` (a target needed) three more,
+    no gradient: whether the target is the (first) argmax (bool), the mean logit and log(sum_j p_j^2) (fp32)."""
     N = h.shape[0]
     V = weight.shape[0]
     h = h if h.stride(-1) == 1 else h.contiguous()
     has_target = target is not None
+    if metrics and not has_target:
+        raise ValueError("liger_fx.fused_linear_logprobs: metrics need a target")
     if has_target:
         target = target.contiguous()
     lse = torch.empty(N, dtype=torch.float32, device=h.device)
     zt = torch.empty(N, dtype=torch.float32, device=h.device) if has_target else _empty(h)
     ent = torch.empty(N, dtype=torch.float32, device=h.device) if entropy else _empty(h)
+    extra = ()
+    if metrics:
+        extra = (torch.empty(N, dtype=torch.bool, device=h.device),
+                 *(torch.empty(N, dtype=torch.float32, device=h.device) for _ in range(2)))
     if N == 0:
-        return zt, lse, ent
+        return (zt, lse, ent) + extra
     C = chunk or chunk_rows(N, V, h.element_size())
     buf = torch.empty((min(C, N), V), dtype=torch.result_type(h, weight), device=h.device)
     bv = _block_v(V, block_v)
@@ -193,11 +218,12 @@ def fused_linear_logprobs_fwd(h, weight, bias, target, ignore_index: int = -100,
         logits = _logits_into(buf, h[start:end], weight, bias)
         _fused_linear_logprobs_fwd_kernel[(end - start,)](
             logits, target[start:end] if has_target else lse, zt[start:end] if has_target else lse,
-            lse[start:end], ent[start:end] if entropy else lse, logits.stride(0), V, ignore_index, float(softcap),
-            float(logit_scale), HAS_TARGET=has_target, HAS_SOFTCAP=softcap != 0.0, ENTROPY=entropy, BLOCK_V=bv,
-            num_warps=_num_warps(bv),
+            lse[start:end], ent[start:end] if entropy else lse,
+            *(e[start:end] for e in extra) if metrics else (lse, lse, lse), logits.stride(0), V, ignore_index,
+            float(softcap), float(logit_scale), HAS_TARGET=has_target, HAS_SOFTCAP=softcap != 0.0, ENTROPY=entropy,
+            METRICS=metrics, BLOCK_V=bv, num_warps=_num_warps(bv),
         )
-    return zt, lse, ent
+    return (zt, lse, ent) + extra
 
 
 def fused_linear_logprobs_bwd(g_zt, g_lse, g_ent, h, weight, bias, target, lse, ent, ignore_index: int = -100,
@@ -255,9 +281,10 @@ def _valid_rows(target, ignore_index, N, device):
 
 
 def fused_linear_logprobs_ref(h, weight, bias, target, ignore_index: int = -100, softcap: float = 0.0,
-                              logit_scale: float = 1.0, entropy: bool = False):
+                              logit_scale: float = 1.0, entropy: bool = False, metrics: bool = False):
     """(z_t, lse, ent) as eager torch computes them from materialized logits (in h's dtype, upcast); differentiable.
-    Not computed: empty (0,) tensors."""
+    Not computed: empty (0,) tensors. With `metrics`, also (is the target the first argmax, the mean logit,
+    log(sum p^2)), 0 in ignored rows."""
     logits = torch.nn.functional.linear(h, weight, bias)
     z = transform_ref(logits.to(_upcast(logits)), softcap, logit_scale)
     valid = _valid_rows(target, ignore_index, z.shape[0], z.device)
@@ -269,7 +296,13 @@ def fused_linear_logprobs_ref(h, weight, bias, target, ignore_index: int = -100,
     ent = _empty(h)
     if entropy:
         ent = torch.where(valid, torch.logsumexp(z, -1) - (torch.softmax(z, -1) * z).sum(-1), 0.0)
-    return zt, lse, ent
+    if not metrics:
+        return zt, lse, ent
+    t = torch.where(valid, target, 0)
+    before = torch.arange(z.shape[-1], device=z.device) < t[:, None]
+    first = (zt >= z.amax(-1)) & (zt > z.masked_fill(~before, float("-inf")).amax(-1))  # argmax takes the first
+    return (zt, lse, ent, first & valid, torch.where(valid, z.mean(-1), 0.0),
+            torch.where(valid, torch.logsumexp(2 * z, -1) - 2 * torch.logsumexp(z, -1), 0.0))
 
 
 def fused_linear_logprobs_ref_backward(g_zt, g_lse, g_ent, h, weight, bias, target, lse, ent,
@@ -323,6 +356,28 @@ def _(h, weight, bias, target, ignore_index, softcap, logit_scale, entropy):
     return row(target is not None), row(True), row(entropy)
 
 
+@torch.library.custom_op("liger_fx::fused_linear_logprobs_metrics", mutates_args=())
+def _fused_linear_logprobs_metrics(
+    h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], target: torch.Tensor, ignore_index: int,
+    softcap: float, logit_scale: float, entropy: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`fused_linear_logprobs` and, from the same pass, three per-row metrics without gradient: whether the target
+    is the (first) argmax, the mean logit, log(sum p^2) (TRL's accuracy, logit and WPO metrics)."""
+    args = (h, weight, bias, target, ignore_index, softcap, logit_scale, entropy)
+    if h.device.type == "cuda":
+        return fused_linear_logprobs_fwd(*args, metrics=True)
+    with torch.no_grad():
+        out = fused_linear_logprobs_ref(*args, metrics=True)
+        return tuple(t.float().contiguous() if t.dtype != torch.bool else t.contiguous() for t in out)
+
+
+@_fused_linear_logprobs_metrics.register_fake
+def _(h, weight, bias, target, ignore_index, softcap, logit_scale, entropy):
+    N = h.shape[0]
+    row = lambda on: h.new_empty((N,) if on else (0,), dtype=torch.float32)  # noqa: E731
+    return row(True), row(True), row(entropy), h.new_empty((N,), dtype=torch.bool), row(True), row(True)
+
+
 @torch.library.custom_op("liger_fx::fused_linear_logprobs_backward", mutates_args=())
 def _fused_linear_logprobs_backward(
     g_zt: Optional[torch.Tensor], g_lse: Optional[torch.Tensor], g_ent: Optional[torch.Tensor], h: torch.Tensor,
@@ -368,6 +423,18 @@ def _backward(ctx, g_zt, g_lse, g_ent):
 _fused_linear_logprobs.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _setup_metrics(ctx, inputs, output):
+    _setup_context(ctx, inputs, output[:3])
+    ctx.mark_non_differentiable(*output[3:])
+
+
+def _backward_metrics(ctx, g_zt, g_lse, g_ent, *_metrics):
+    return _backward(ctx, g_zt, g_lse, g_ent)
+
+
+_fused_linear_logprobs_metrics.register_autograd(_backward_metrics, setup_context=_setup_metrics)
+
+
 # `liger_fx::linear_logprobs`: what the graph rewrite inserts. CompositeImplicitAutograd like
 # `liger_fx::linear_cross_entropy`: it casts for autocast (the opaque op gets no autocast kernel) and flattens
 # h (..., H) and target (...) to rows, restoring the leading shape on the outputs.
@@ -410,6 +477,23 @@ def fused_linear_token_stats(h, weight, target=None, bias=None, ignore_index: in
     zt, lse, ent = torch.ops.liger_fx.linear_logprobs(
         h, weight, bias, target, int(ignore_index), float(softcap), _scale(temperature, logit_scale), bool(entropy))
     return (zt if target is not None else None), lse, (ent if entropy else None)
+
+
+def fused_linear_token_metrics(h, weight, target, bias=None, ignore_index: int = NO_IGNORE,
+                               temperature: float = 1.0, softcap: float = 0.0, logit_scale: float = 1.0,
+                               entropy: bool = False):
+    """(z_t, lse, ent, is_top1, mean_logit, log_sum_sq_probs) per token of target's shape, without the logits: the
+    first three as `fused_linear_token_stats` (ent None without `entropy`), the others without gradient (is_top1
+    bool: the target is the first argmax, as torch.argmax picks). 0 / False in rows whose target is ignore_index."""
+    if softcap < 0:
+        raise ValueError(f"liger_fx.fused_linear_logprobs: softcap must be >= 0 (0 = none), got {softcap}")
+    lead = h.shape[:-1]
+    h, weight, bias = _autocast(h, weight, bias)
+    out = torch.ops.liger_fx.fused_linear_logprobs_metrics(
+        h.reshape(-1, h.shape[-1]), weight, bias, target.reshape(-1), int(ignore_index), float(softcap),
+        _scale(temperature, logit_scale), bool(entropy))
+    zt, lse, ent, top1, mean, lsq = (t.view(lead) if t.numel() else t for t in out)
+    return zt, lse, (ent if entropy else None), top1, mean, lsq
 
 
 def fused_linear_logprobs(h, weight, target, bias=None, temperature: float = 1.0, softcap: float = 0.0,

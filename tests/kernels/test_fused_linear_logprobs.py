@@ -15,6 +15,7 @@ from liger_fx.kernels.fused_linear_logprobs import (
     fused_linear_logprobs_fwd,
     fused_linear_logprobs_ref,
     fused_linear_logprobs_ref_backward,
+    fused_linear_token_metrics,
     fused_linear_token_stats,
 )
 from tests.kernels.test_fused_linear_cross_entropy import _accumulation_slack, _chunked_logits, _propagate
@@ -275,3 +276,73 @@ def test_bad_arguments_name_the_value():
         fused_linear_logprobs(h, w, target, temperature=0.0)
     with pytest.raises(ValueError, match="softcap must be >= 0"):
         fused_linear_logprobs(h, w, target, softcap=-1.0)
+
+
+def _metrics_exact(h, w, b, target, softcap, scale):
+    """(is the target the first argmax, mean logit, log(sum p^2)) in fp64 from the logits in the matmul's dtype."""
+    x = torch.nn.functional.linear(h, w, b).double()
+    z = transform_ref(x, softcap, scale)
+    valid = target != -100
+    t = torch.where(valid, target, 0)
+    top1 = (z.argmax(-1) == t) & valid  # torch.argmax takes the first maximum
+    lsq = torch.logsumexp(2 * z, -1) - 2 * torch.logsumexp(z, -1)
+    return top1, torch.where(valid, z.mean(-1), 0.0), torch.where(valid, lsq, 0.0)
+
+
+@pytest.mark.parametrize("case", ["fp32", "bf16-temperature-bias", "fp32-softcap-scale-bias", "bf16-softcap"])
+def test_metrics_from_the_same_pass(case, poisoned):
+    """metrics=True (TRL's accuracy, mean logit and WPO weight): the argmax flag exact, ties going to the first column
+    as torch.argmax, the mean logit and log(sum p^2) against fp64 of the same logits (fp32 accumulation: a few ulp of
+    the row's sums), ignored rows 0; z_t, lse, ent as without metrics."""
+    dtype, softcap, scale, bias = CASES[case]
+    N, H, V = 37, 64, 1000
+    h, w, b, target = _inputs(N, H, V, dtype, bias, seed=11)
+    w[5], w[9] = w[9].clone(), w[9].clone()  # two equal columns: a tie
+    if b is not None:
+        b[5] = b[9]
+    h[1:4] = w[9] * 3  # rows whose argmax is that tie
+    target[1], target[2], target[3] = 5, 9, 5
+    x = torch.nn.functional.linear(h, w, b).float()
+    argmax = x.argmax(-1)
+    target[6:12] = argmax[6:12]  # rows whose target is the argmax
+    out = fused_linear_logprobs_fwd(h, w, b, target, -100, softcap, scale, True, chunk=16, block_v=256, metrics=True)
+    plain = fused_linear_logprobs_fwd(h, w, b, target, -100, softcap, scale, True, chunk=16, block_v=256)
+    for o, p in zip(out[:3], plain):
+        assert torch.equal(o, p)
+    top1, mean, lsq = out[3:]
+    e_top1, e_mean, e_lsq = _metrics_exact(h, w, b, target, softcap, scale)
+    assert top1.dtype == torch.bool and torch.equal(top1, e_top1)
+    assert top1[1:4].tolist() == [True, False, True] and top1[6:12].all()
+    zmax = transform_ref(x.double(), softcap, scale).abs().amax(-1).float()
+    assert ((mean - e_mean).abs() <= 8 * EPS32 * zmax).all(), (mean - e_mean).abs().max()
+    lse = out[1].double()
+    assert ((lsq - e_lsq).abs() <= 16 * EPS32 * (lse.abs() + 1)).all(), (lsq - e_lsq).abs().max()
+    ign = target == -100
+    assert not top1[ign].any() and (mean[ign] == 0).all() and (lsq[ign] == 0).all()
+    ref = fused_linear_logprobs_ref(h, w, b, target, -100, softcap, scale, True, metrics=True)
+    assert torch.equal(ref[3], e_top1)
+
+
+def test_metrics_op_opcheck_and_gradients_as_without_metrics():
+    """`liger_fx::fused_linear_logprobs_metrics` (CPU: the reference): opcheck; its z_t, lse, ent and their gradients
+    equal the plain op's, the metrics carry none; the functional's shapes and the no-target error."""
+    h, w, b, target = _inputs(19, 32, 300, torch.float32, True, seed=12)
+    torch.library.opcheck(torch.ops.liger_fx.fused_linear_logprobs_metrics, (h, w, b, target, -100, 2.0, 0.5, True))
+    leaves = [t.clone().requires_grad_() for t in (h, w, b)]
+    zt, lse, ent, top1, mean, lsq = fused_linear_token_metrics(leaves[0].view(1, 19, 32), leaves[1],
+                                                               target.view(1, 19), leaves[2], -100, 0.7,
+                                                               entropy=True)
+    assert zt.shape == top1.shape == mean.shape == lsq.shape == (1, 19) and top1.dtype == torch.bool
+    assert not mean.requires_grad and not lsq.requires_grad and zt.requires_grad
+    g = [torch.randn(1, 19) for _ in range(3)]
+    grads = torch.autograd.grad(sum((o * u).sum() for o, u in zip((zt, lse, ent), g)), leaves)
+    leaves2 = [t.clone().requires_grad_() for t in (h, w, b)]
+    ref = fused_linear_token_stats(leaves2[0].view(1, 19, 32), leaves2[1], target.view(1, 19), leaves2[2], -100,
+                                   0.7, entropy=True)
+    for o, r in zip((zt, lse, ent), ref):
+        assert torch.equal(o, r)
+    rgrads = torch.autograd.grad(sum((o * u).sum() for o, u in zip(ref, g)), leaves2)
+    for a, r in zip(grads, rgrads):
+        torch.testing.assert_close(a, r)
+    with pytest.raises(ValueError, match="metrics need a target"):
+        fused_linear_logprobs_fwd(h, w, b, None, metrics=True)
