@@ -334,7 +334,7 @@ def test_metrics_op_opcheck_and_gradients_as_without_metrics():
                                                                entropy=True)
     assert zt.shape == top1.shape == mean.shape == lsq.shape == (1, 19) and top1.dtype == torch.bool
     assert not mean.requires_grad and not lsq.requires_grad and zt.requires_grad
-    g = [torch.randn(1, 19) for _ in range(3)]
+    g = [torch.randn(1, 19, device=DEVICE) for _ in range(3)]
     grads = torch.autograd.grad(sum((o * u).sum() for o, u in zip((zt, lse, ent), g)), leaves)
     leaves2 = [t.clone().requires_grad_() for t in (h, w, b)]
     ref = fused_linear_token_stats(leaves2[0].view(1, 19, 32), leaves2[1], target.view(1, 19), leaves2[2], -100,
