@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from bench.common import GiB
+from bench.common import GiB, ensure_liger_backend
 
 # Priority order: run.py runs them in this order, so a short time budget still yields the headline ratios
 # (liger_fx against hf_liger_kernel and inductor); the expected crash goes last.
@@ -226,19 +226,6 @@ def _hf_hook(model, **flags):
     return model if out is None else out  # in place (nn.Module.compile) or a returned wrapper
 
 
-def _ensure_liger_backend() -> None:
-    """`backend="liger"` resolves through the package's entry point once liger-fx is pip-installed (gpu_all.sh does
-    that). In a bare source checkout there is no entry point: register the same function by name, and say so."""
-    import liger_fx
-    from torch._dynamo.backends.registry import lookup_backend, register_backend
-
-    try:
-        lookup_backend("liger")
-    except Exception:
-        print("note: liger-fx is not installed here; registering backend 'liger' from liger_fx.liger_backend", flush=True)
-        register_backend(liger_fx.liger_backend, name="liger")
-
-
 def make_reference_variant(variant: str, model, device):
     """A callable for the reference decoder: tokens -> logits, or (tokens, labels) -> loss for the `_inloss` ones."""
     from liger_fx.models import reference
@@ -246,7 +233,7 @@ def make_reference_variant(variant: str, model, device):
     if variant not in REF_VARIANTS:
         raise Unavailable(f"{variant} is a Hugging Face variant; the reference decoder's: {', '.join(REF_VARIANTS)}")
     if "liger" in variant:
-        _ensure_liger_backend()
+        ensure_liger_backend()
     backend = "liger" if "liger" in variant else "inductor"
     if variant == "eager":
         return model
@@ -276,30 +263,30 @@ def make_variant(variant: str, model, device):
     if variant == "inductor":
         return torch.compile(model)
     if variant == "liger_fx":
-        _ensure_liger_backend()
+        ensure_liger_backend()
         return torch.compile(model, backend="liger")
     if variant == "hf_hook":
-        _ensure_liger_backend()
+        ensure_liger_backend()
         return _hf_hook(model)
     if variant == "inductor_on_liger_kernel":
         _liger_kernel_patch(model)
         return torch.compile(model)
     if variant == "hf_hook_save":
-        _ensure_liger_backend()
+        ensure_liger_backend()
         return _hf_hook(model, recompute=False)
     if variant == "hf_hook_unfused":
-        _ensure_liger_backend()
+        ensure_liger_backend()
         return _hf_hook(model, fuse_projections=False)
     if variant == "hf_hook_sep":
-        _ensure_liger_backend()
+        ensure_liger_backend()
         return _hf_hook(model, fuse_swiglu_linear=False)
     if variant == "inductor_ro":
         return torch.compile(model, mode="reduce-overhead")
     if variant == "liger_fx_ro":
-        _ensure_liger_backend()
+        ensure_liger_backend()
         return torch.compile(model, backend="liger", options={"mode": "reduce-overhead"})
     if variant == "hf_hook_ro":
-        _ensure_liger_backend()
+        ensure_liger_backend()
         import liger_fx
 
         return liger_fx.apply(model, mode="reduce-overhead")

@@ -92,10 +92,10 @@ def measure(iters: int) -> list[dict]:
     import liger_fx  # noqa: F401  (registers the ops; `backend="liger"` resolves through the entry point)
     from torch._dynamo.utils import counters
 
-    from bench.e2e import _ensure_liger_backend
+    from bench.common import ensure_liger_backend
     from liger_fx.kernels._library import OPAQUE
 
-    _ensure_liger_backend()
+    ensure_liger_backend()
     rows = []
     for name, (fn, args, flag) in _cases("cuda").items():
         # linear+CE calls cuBLAS, so it is an opaque custom op under either registration of the other ops

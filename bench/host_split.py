@@ -25,6 +25,7 @@ import time
 import torch
 
 from bench import e2e
+from bench.common import ensure_liger_backend
 
 
 def _gc_timer():
@@ -111,7 +112,7 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default="inductor,liger_fx,hf_hook,hf_hook_logits")
     p.add_argument("--json", help="append the rows here (JSON lines)")
     args = p.parse_args(argv)
-    e2e._ensure_liger_backend()
+    ensure_liger_backend()
     rows = []
     for v in args.variants.split(","):
         r = measure(args.shape, v, args.batch, args.seq, args.steps)

@@ -83,8 +83,9 @@ def record(variant: str, shape: str, batch, seq, path) -> dict:
     import torch
 
     from bench import e2e
+    from bench.common import ensure_liger_backend
 
-    e2e._ensure_liger_backend()
+    ensure_liger_backend()
     sh = e2e.SHAPES[shape]
     model = e2e.build_model(sh, smoke=False, device="cuda", dtype=torch.bfloat16)
     fn = e2e.make_variant(variant, model, "cuda")
