@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from bench.common import KernelBench
 
-SWEEP_CHUNK_MIB = (256,)  # besides the default 512 MiB; bench/flce_breakdown.py sweeps 1024..4096 rows per step
+SWEEP_CHUNK_MIB = (256,)  # besides the default 512 MiB; bench/lab/flce_breakdown.py sweeps 1024..4096 rows per step
 
 
 def _loss(h, w, shift_labels):

@@ -37,7 +37,7 @@ from .cross_entropy import (REDUCTIONS, _count, _ref_lse, _reduce, ce_grad_rows,
                             cross_entropy_ref, cross_entropy_ref_backward, grad_scale_of)
 
 # Bytes of the (C, V) logits chunk buffer. C = CHUNK_BYTES / (V * itemsize), rounded down to a multiple of 128 rows
-# (a GEMM tile): 2048 rows at V=128256 bf16. Measured on an H200 (bench/flce_breakdown.py, N=16384 H=4096 V=128256;
+# (a GEMM tile): 2048 rows at V=128256 bf16. Measured on an H200 (bench/lab/flce_breakdown.py, N=16384 H=4096 V=128256;
 # the three full-size matmuls take 75.5 ms there, 684 TFLOP/s, the floor no chunking beats):
 #     C=1024 82.3 ms, 1.35 GiB extra | C=2048 80.2 ms, 1.59 GiB | C=3072 79.6 ms, 1.84 GiB | C=4096 79.9 ms, 2.08 GiB
 # (extra includes dh and dW, 1.10 GiB). Smaller chunks lose to the dW update, which reads and writes all of dW per

@@ -1,6 +1,6 @@
 """Where a small training step's host time goes, per phase, for several variants (issue 18).
 
-    python -m bench.host_split [--shape llama-1b] [--batch 1] [--seq 1024] [--steps 30] [--variants ...]
+    python -m bench.lab.host_split [--shape llama-1b] [--batch 1] [--seq 1024] [--steps 30] [--variants ...]
 
 At B1 T1024 the host (Python, guards, launches) takes about as long as the GPU, so the step time is the host's.
 For each variant, in one process after warm-up:
@@ -103,7 +103,7 @@ def measure(shape_name: str, variant: str, B: int, T: int, steps: int) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.host_split", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bench.lab.host_split", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="llama-1b", choices=sorted(e2e.SHAPES))
     p.add_argument("--batch", type=int, default=1)
