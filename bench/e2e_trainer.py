@@ -1,6 +1,7 @@
 """End-to-end through the HF Trainer: the same `Trainer.train()` three ways, one variant per process.
 
-    python -m bench.e2e_trainer --variant liger_fx_hook      # use_liger_kernel=True routed to backend="liger"
+    python -m bench.run trainer --variant liger_fx_hook      # use_liger_kernel=True routed to backend="liger"
+    (python -m bench.run trainer ... is python -m bench.e2e_trainer ...)
     python -m bench.e2e_trainer --variant liger_kernel       # use_liger_kernel=True with the real liger-kernel
     python -m bench.e2e_trainer --variant torch_compile      # torch_compile=True (Inductor), no Liger
     python -m bench.e2e_trainer --variant all                # the three above (and hf_eager), each in a subprocess
