@@ -2,6 +2,7 @@
 
     python -m bench.report results.json                                   # print the tables
     python -m bench.report results.json --update bench/RESULTS.md --plot bench/e2e.png
+    python -m bench.report results.json --brief                           # the few lines bench/gpu.sh prints last
 """
 
 from __future__ import annotations
@@ -277,6 +278,24 @@ def short_summary(results: dict) -> str:
     return "\n".join(lines)
 
 
+def brief(results: dict) -> str:
+    """short_summary, the post-training rows, and what the backend rewrote in each row: what bench/gpu.sh prints of
+    each job last."""
+    lines = [short_summary(results)]
+    for r in results.get("post_training", []):
+        loss = (r.get("losses") or [None])[-1]
+        lines.append(f"post {r['workload']:17s} {r['variant']:15s} {_f(r.get('tok_s'), '8,.0f', '       -')} tok/s  "
+                     f"peak {_f(r.get('peak_gib'), '6.2f')} GiB  x inductor tok/s {_f(r.get('tok_s_vs_inductor'))} "
+                     f"peak {_f(r.get('peak_vs_inductor'))}  loss {_f(loss, '.5f')}  {r.get('status')}")
+    for kind, ident in (("e2e", "shape"), ("post_training", "workload"), ("distill", "shape")):
+        for r in results.get(kind, []):
+            rewrites = {k: v for k, v in sorted((r.get("replaced") or {}).items()) if v}
+            if rewrites:
+                lines.append(f"  rewrites {r.get(ident)}/{r['variant']}: "
+                             + ", ".join(f"{k} {v}" for k, v in rewrites.items()))
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Plot and RESULTS.md
 
@@ -391,12 +410,16 @@ def main(argv=None) -> int:
     p.add_argument("json", nargs="+", help="results.json written by python -m bench.run (several are merged)")
     p.add_argument("--update", metavar="RESULTS_MD", help="update this RESULTS.md (latest block + history rows)")
     p.add_argument("--plot", metavar="PNG", help="write the tok/s and peak bar plot here")
+    p.add_argument("--brief", action="store_true", help="print one line per row (and the ratios), not the tables")
     args = p.parse_args(argv)
     runs = []
     for path in args.json:
         with open(path) as f:
             runs.append(json.load(f))
     results = merge(runs)
+    if args.brief:
+        print(brief(results))
+        return 0
     print(render_markdown(results))
     if args.plot:
         why = plot_e2e(results, args.plot)

@@ -1,8 +1,8 @@
 """On a GPU: the fused ops inside compiled graphs are launched by Inductor (issue 18), and `mode="reduce-overhead"`
 captures a whole training step with every fused op in CUDA graphs, with no cudagraph skip and no recompile.
 
-CPU machines skip this file: Triton's interpreter cannot run under torch.compile (pytorch #152868). bench/gpu_all.sh
-runs it on the H200."""
+CPU machines skip this file: Triton's interpreter cannot run under torch.compile (pytorch #152868). bench/gpu.sh
+runs it on a lent GPU (PYTEST=...)."""
 
 import logging
 

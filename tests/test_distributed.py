@@ -135,7 +135,7 @@ def _check_numerics(result, params, ref):
         torch.testing.assert_close(params[name], ref, **TOL, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.slow  # gloo on CPU: nothing for the GPU run to learn here (bench/gpu_all.sh runs -m "not slow")
+@pytest.mark.slow  # gloo on CPU: nothing for the GPU run to learn here (bench/gpu.sh runs -m "not slow")
 @pytest.mark.parametrize("model", [LLAMA_1B_BY_16, TINY_DEFAULT], ids=["llama-1b-by-16", "tiny-default"])
 def test_ddp_with_default_settings_fuses_every_site_and_trains_like_eager(model, tmp_path, tmp_path_factory):
     # The example leaves optimize_ddp alone, builds DDP with its own bucket size and calls the bare
@@ -297,7 +297,7 @@ def test_norm_cut_by_a_bucket_is_a_near_miss_that_says_so(cap, cut):
 # Where the cut falls. No compile: each piece is rewritten and run uncompiled (bench/lab/ddp_buckets.py).
 
 
-@pytest.mark.slow  # CPU only, nothing for the GPU run to learn here (bench/gpu_all.sh runs -m "not slow")
+@pytest.mark.slow  # CPU only, nothing for the GPU run to learn here (bench/gpu.sh runs -m "not slow")
 def test_cut_after_the_rewrite_keeps_dynamos_buckets_and_every_site():
     from bench.lab.ddp_buckets import compare, layout, scaled
 
