@@ -1,4 +1,4 @@
-"""Convergence: does every seed family train like eager over 50 steps, with liger-fx as with Inductor? (issue 16)
+"""Convergence: does every seed family train like eager over 50 steps, with liger-fx as with Inductor?
 
     python -m bench.run convergence --out DIR              # H200: 9 families, 50 steps each, one device call
     (python -m bench.run convergence ... is python -m bench.convergence ...)

@@ -50,10 +50,10 @@ def main(argv=None) -> None:
     p.add_argument("--seq", type=int, default=None)
     p.add_argument("--ops", action="store_true",
                    help="also a second profiled step by op with input shapes: the lm_head-sized matmuls (an operand "
-                        "with the vocabulary's size) and attention, forward and backward (issue 14's table)")
+                        "with the vocabulary's size) and attention, forward and backward")
     p.add_argument("--gemms", action="store_true",
                    help="also a profiled step's matmuls one row per (op, input shapes, cuBLAS kernel): calls, ms, "
-                        "TFLOP/s (issue 17's per-GEMM table; the kernel name ends in its layout, e.g. NNT)")
+                        "TFLOP/s (the step's per-GEMM budget; the kernel name ends in its layout, e.g. NNT)")
     p.add_argument("--gaps", action="store_true",
                    help="also a profiled step's GPU idle time: the gaps between kernels, the kernels around the "
                         "largest and the CUDA runtime calls (syncs, mallocs) that overlap them; the trace goes to $OUT")

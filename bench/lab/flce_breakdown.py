@@ -1,5 +1,5 @@
-"""Where the fused linear + cross-entropy op spends its time, per chunk size (issue 5: "choose chunk sizes by
-measurement"). CUDA only.
+"""Where the fused linear + cross-entropy op spends its time, per chunk size, to choose the
+chunk size by measurement. CUDA only.
 
     python -m bench.lab.flce_breakdown [--chunks 1024,2048,3072,4096] [--out breakdown.json]
 

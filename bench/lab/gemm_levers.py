@@ -1,4 +1,4 @@
-"""Issue 17's matmul levers, each measured alone before any is built: one layer's projections, separate against
+"""The training step's matmul levers, each measured alone before any is built: one layer's projections, separate against
 horizontally fused (one matmul on the concatenated weights), forward + backward, on the GPU.
 
     python -m bench.lab.gemm_levers [--shapes llama-1b,qwen2-1.5b,llama-8b-8l] [--autotune]

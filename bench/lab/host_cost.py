@@ -1,4 +1,4 @@
-"""What calling a fused op costs on the host, through a compiled graph, as users call it (issue 18).
+"""What calling a fused op costs on the host, through a compiled graph, as users call it.
 
     python -m bench.lab.host_cost [--iters 400] [--json out.json]
 

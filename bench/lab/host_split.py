@@ -1,4 +1,4 @@
-"""Where a small training step's host time goes, per phase, for several variants (issue 18).
+"""Where a small training step's host time goes, per phase, for several variants.
 
     python -m bench.lab.host_split [--shape llama-1b] [--batch 1] [--seq 1024] [--steps 30] [--variants ...]
 
