@@ -41,7 +41,7 @@ def classify(name: str) -> str:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench.run profile", description=__doc__.splitlines()[0])
     p.add_argument("--variant", default="hf_hook", choices=e2e.VARIANTS)
     p.add_argument("--shape", default="llama-1b", choices=sorted(e2e.SHAPES))
     p.add_argument("--warmup", type=int, default=3)

@@ -258,7 +258,7 @@ VARIANTS = (("no hook", False, None), ("hook, TRL's head", True, {"fused_linear_
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench.run trl", description=__doc__.splitlines()[0])
     p.add_argument("--trainers", default=",".join(TRAINERS))
     p.add_argument("--json", default=None)
     p.add_argument("--via", default="use_liger_kernel", choices=("use_liger_kernel", "torch_compile_backend"),
