@@ -178,10 +178,21 @@ def matmul_tflops(device, smoke: bool = False) -> float:
 def compile_liger(fn: Callable) -> Callable:
     """`torch.compile(fn, backend="liger")` as a user writes it: the plain torch form is rewritten into our op, and
     the row measures the op as users call it (dispatch, launch, Inductor's code around it), not the bare kernel."""
-    from bench.e2e import _ensure_liger_backend
-
-    _ensure_liger_backend()
+    ensure_liger_backend()
     return torch.compile(fn, backend="liger", dynamic=False)
+
+
+def ensure_liger_backend() -> None:
+    """`backend="liger"` resolves through the package's entry point once liger-fx is pip-installed (bench/gpu.sh does
+    that). In a bare source checkout there is no entry point: register the same function by name, and say so."""
+    import liger_fx
+    from torch._dynamo.backends.registry import lookup_backend, register_backend
+
+    try:
+        lookup_backend("liger")
+    except Exception:
+        print("note: liger-fx is not installed here; registering backend 'liger' from liger_fx.liger_backend", flush=True)
+        register_backend(liger_fx.liger_backend, name="liger")
 
 
 @contextlib.contextmanager

@@ -1,11 +1,13 @@
 """Where a variant's warm-up spends its host time: the first training step (Dynamo, our rewrite, AOT autograd,
 Inductor) under cProfile, from empty compile caches, as a new user's first run.
 
-    python -m bench.compile_profile --variant hf_hook [--shape llama-1b] [--out DIR]
+    python -m bench.run warmup --variant hf_hook [--shape llama-1b] [--cprofile] [--out DIR]  # or bench.compile_profile
+    python -m bench.run warmup --smoke                   # CPU, tiny model: checks this script
 
-Prints the first step's wall time, the cumulative seconds of the compile phases that issue 17's warm-up budget
-names (joint-graph trace, our rewrite, Inductor's lowering and codegen, the user-kernel analyses) and the top
-functions by own time; writes the raw profile to DIR/compile-<variant>-<shape>.prof for pstats.
+Prints the first step's wall time, the seconds of each compile phase where a warm-up goes (joint-graph trace, our
+rewrite, Inductor's lowering and codegen, the Triton analyses of our kernels' launches), Triton's front end by kernel
+and by who asked for it, and with --cprofile the top functions by own time; writes the raw profile to
+DIR/compile-<variant>-<shape>.prof for pstats.
 """
 
 from __future__ import annotations
@@ -105,7 +107,7 @@ class TtirLog:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench.run warmup", description=__doc__.splitlines()[0])
     p.add_argument("--variant", default="hf_hook", choices=e2e.VARIANTS)
     p.add_argument("--shape", default="llama-1b", choices=sorted(e2e.SHAPES))
     p.add_argument("--top", type=int, default=25)

@@ -1,14 +1,14 @@
-"""Convergence: does every seed family train like eager over 50 steps, with liger-fx as with Inductor? (issue 16)
+"""Convergence: does every seed family train like eager over 50 steps, with liger-fx as with Inductor?
 
-    python -m bench.convergence --out DIR                  # H200: 9 families, 50 steps each, one device call
+    python -m bench.run convergence --out DIR              # H200: 9 families, 50 steps each, one device call
+    (python -m bench.run convergence ... is python -m bench.convergence ...)
     python -m bench.convergence --smoke --families llama   # CPU: tiny configs, 3 steps, aot_eager codegen
     python -m bench.convergence --from-json DIR/convergence.json --plot bench/convergence.png --update bench/RESULTS.md
 
-On the H200, one device call (torch, triton and transformers are on the machine; no network), as bench/gpu_all.sh
-installs the checkout:
+On the H200, one device call (torch, triton and transformers are on the machine; no network): bench/gpu.sh installs
+the checkout, then runs this with --out $OUT/conv:
 
-    python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >/tmp/install.log 2>&1; \
-    LIGER_FX_COMMIT=<sha> python3 -m bench.convergence --out $OUT
+    LIGER_FX_COMMIT=<sha> bash bench/gpu.sh "conv: convergence"
 
 Per family (hidden 1024, 4 layers, vocab 32000, bf16, each family's own structure; see FAMILIES) one model is built
 with seed 0 and every variant trains a deep copy of it: identical weights, identical batches, 50 steps of AdamW.

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from bench import e2e
-from bench.common import GiB
+from bench.common import GiB, ensure_liger_backend
 from bench.e2e import Unavailable
 
 VARIANTS = ("liger_fx", "inductor", "liger_kernel", "inductor_liger_jsd", "eager")
@@ -171,7 +171,7 @@ def make_variant(variant: str, student, teacher, device):
     if variant == "inductor":
         return torch.compile(make_step(student, teacher))
     if variant == "liger_fx":
-        e2e._ensure_liger_backend()
+        ensure_liger_backend()
         return torch.compile(make_step(student, teacher), backend="liger")
     if variant == "liger_kernel":
         e2e._liger_kernel_patch(student)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from bench.common import GiB
+from bench.common import GiB, ensure_liger_backend
 
 # Priority order: run.py runs them in this order, so a short time budget still yields the headline ratios
 # (liger_fx against hf_liger_kernel and inductor); the expected crash goes last.
@@ -42,7 +42,7 @@ VARIANT_HELP = {
     "inductor_ro": 'torch.compile(model, mode="reduce-overhead"): CUDA graphs',
     "liger_fx_ro": 'torch.compile(model, backend="liger", options={"mode": "reduce-overhead"})',
     "hf_hook_ro": 'liger_fx.apply(model, mode="reduce-overhead")',
-    "hf_hook_unfused": "liger_fx.apply(model, fuse_projections=False): q/k/v as three matmuls (issue 17's A/B)",
+    "hf_hook_unfused": "liger_fx.apply(model, fuse_projections=False): q/k/v as three matmuls (the option's A/B)",
     "hf_hook_sep": "liger_fx.apply(model, fuse_swiglu_linear=False): the SwiGLU recomputed in a launch of its own",
 }
 # The plain-PyTorch reference decoder (liger_fx/models/reference.py), in the loop PyTorch-native trainers write:
@@ -94,7 +94,7 @@ SHAPES = {
     # model, which is exactly where fused linear+CE wins; (2) Gemma2 rejects SDPA in transformers 5, so eager
     # attention would dominate its step and blur the comparison; (3) liger-kernel patches qwen2 too, so every
     # variant has a counterpart. Softcap numerics are covered by the FLCE op and pattern tests.
-    # Issue 14's second shape: Qwen2-1.5B (28 layers, vocab 151936, tied embeddings).
+    # The second shape of the headline comparisons since: Qwen2-1.5B (28 layers, vocab 151936, tied embeddings).
     "qwen2-1.5b": Shape(
         "qwen2",
         dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
@@ -104,7 +104,7 @@ SHAPES = {
         batch=8, seq=2048, smoke=dict(_SMOKE_BODY, vocab_size=640),
         why="Qwen2-1.5B shape: 28 layers, vocab 151936, tied embeddings",
     ),
-    # Issue 17's third shape: Llama-3-8B's layer (H 4096, I 14336, GQA 32/8, untied lm_head) with 8 of its 32
+    # The third shape: Llama-3-8B's layer (H 4096, I 14336, GQA 32/8, untied lm_head) with 8 of its 32
     # layers, so a step fits beside the optimizer state of every variant on one H200.
     "llama-8b-8l": Shape(
         "llama",
@@ -221,22 +221,9 @@ def _hf_hook(model, **flags):
         try:
             from liger_fx.api import apply
         except ImportError:
-            raise Unavailable("liger_fx.apply not found (the HF hook issue has not landed)") from None
+            raise Unavailable("liger_fx.apply not found (this liger-fx predates it)") from None
     out = apply(model, **flags)
     return model if out is None else out  # in place (nn.Module.compile) or a returned wrapper
-
-
-def _ensure_liger_backend() -> None:
-    """`backend="liger"` resolves through the package's entry point once liger-fx is pip-installed (gpu_all.sh does
-    that). In a bare source checkout there is no entry point: register the same function by name, and say so."""
-    import liger_fx
-    from torch._dynamo.backends.registry import lookup_backend, register_backend
-
-    try:
-        lookup_backend("liger")
-    except Exception:
-        print("note: liger-fx is not installed here; registering backend 'liger' from liger_fx.liger_backend", flush=True)
-        register_backend(liger_fx.liger_backend, name="liger")
 
 
 def make_reference_variant(variant: str, model, device):
@@ -246,7 +233,7 @@ def make_reference_variant(variant: str, model, device):
     if variant not in REF_VARIANTS:
         raise Unavailable(f"{variant} is a Hugging Face variant; the reference decoder's: {', '.join(REF_VARIANTS)}")
     if "liger" in variant:
-        _ensure_liger_backend()
+        ensure_liger_backend()
     backend = "liger" if "liger" in variant else "inductor"
     if variant == "eager":
         return model
@@ -276,30 +263,30 @@ def make_variant(variant: str, model, device):
     if variant == "inductor":
         return torch.compile(model)
     if variant == "liger_fx":
-        _ensure_liger_backend()
+        ensure_liger_backend()
         return torch.compile(model, backend="liger")
     if variant == "hf_hook":
-        _ensure_liger_backend()
+        ensure_liger_backend()
         return _hf_hook(model)
     if variant == "inductor_on_liger_kernel":
         _liger_kernel_patch(model)
         return torch.compile(model)
     if variant == "hf_hook_save":
-        _ensure_liger_backend()
+        ensure_liger_backend()
         return _hf_hook(model, recompute=False)
     if variant == "hf_hook_unfused":
-        _ensure_liger_backend()
+        ensure_liger_backend()
         return _hf_hook(model, fuse_projections=False)
     if variant == "hf_hook_sep":
-        _ensure_liger_backend()
+        ensure_liger_backend()
         return _hf_hook(model, fuse_swiglu_linear=False)
     if variant == "inductor_ro":
         return torch.compile(model, mode="reduce-overhead")
     if variant == "liger_fx_ro":
-        _ensure_liger_backend()
+        ensure_liger_backend()
         return torch.compile(model, backend="liger", options={"mode": "reduce-overhead"})
     if variant == "hf_hook_ro":
-        _ensure_liger_backend()
+        ensure_liger_backend()
         import liger_fx
 
         return liger_fx.apply(model, mode="reduce-overhead")
@@ -566,7 +553,7 @@ def _guarded(shape: str, variant: str, kw: dict, phase=lambda s: None) -> dict:
         return run_one(shape, variant, phase=track, **kw)
     except Unavailable as e:
         return {"shape": shape, "variant": variant, "status": f"unavailable: {e}"}
-    except Exception as e:  # reported as the variant's outcome: the issue asks for the crash, honestly
+    except Exception as e:  # reported as the variant's outcome: a crash (liger-kernel under compile) is a result
         traceback.print_exc()
         msg = str(e).strip().splitlines()
         return {"shape": shape, "variant": variant, "status": f"error: {type(e).__name__}",

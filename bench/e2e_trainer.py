@@ -1,6 +1,7 @@
 """End-to-end through the HF Trainer: the same `Trainer.train()` three ways, one variant per process.
 
-    python -m bench.e2e_trainer --variant liger_fx_hook      # use_liger_kernel=True routed to backend="liger"
+    python -m bench.run trainer --variant liger_fx_hook      # use_liger_kernel=True routed to backend="liger"
+    (python -m bench.run trainer ... is python -m bench.e2e_trainer ...)
     python -m bench.e2e_trainer --variant liger_kernel       # use_liger_kernel=True with the real liger-kernel
     python -m bench.e2e_trainer --variant torch_compile      # torch_compile=True (Inductor), no Liger
     python -m bench.e2e_trainer --variant all                # the three above (and hf_eager), each in a subprocess
@@ -10,7 +11,7 @@ Each run prints ONE JSON line (`--variant all`: one per variant): tok_s over the
 peak_gib (max allocated during the timed steps, after warm-up and compilation), peak_gib_with_warmup, the per-step
 losses, the liger_fx rewrite counters, and the GPU, versions and commit.
 
-Setup (issue 6): Llama-3.2-1B shape (bench.e2e.SHAPES["llama-1b"]), random weights (seed 0), pure bf16 weights (no
+Setup: Llama-3.2-1B shape (bench.e2e.SHAPES["llama-1b"]), random weights (seed 0), pure bf16 weights (no
 autocast: the same dtype for every variant, as bench.e2e), fused AdamW lr 1e-4, B8 T2048, 3 warm-up + 20 timed
 optimizer steps, random token batches (seed 1234) with labels = input_ids, logging every step (one .item() sync per
 step, the same for every variant). Each variant runs in its own process so its peak memory is its own.

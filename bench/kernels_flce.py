@@ -1,12 +1,12 @@
 """lm_head + cross-entropy forward+backward at N=16384, H=4096, V=128256 bf16 (Llama-3-8B's vocabulary, B8 x T2048).
 
 FLOPs: logits h @ W^T, dh = dlogits @ W, dW = dlogits^T @ h: 3 matmuls of 2*N*H*V = 6*N*H*V = 51.7 TFLOP, ~65 ms at the
-H200's measured ~790 TFLOP/s (issue 5's floor). Anchors measured before (issue 5): torch 97.9 ms / 23.8 GiB, Inductor
-80.3 ms / 5.27 GiB, liger-kernel 89.3 ms / 1.48 GiB; target <= 75 ms.
+H200's measured ~790 TFLOP/s (the matmul floor). Anchors measured when the target was set: torch 97.9 ms / 23.8 GiB,
+Inductor 80.3 ms / 5.27 GiB, liger-kernel 89.3 ms / 1.48 GiB; target <= 75 ms.
 
 Memory arithmetic (extra over h, W, target; bench/common.py's EXTRA_PEAK_DEFINITION):
     the gradients themselves: dW 0.98 GiB + dh 0.125 GiB = 1.10 GiB -- every provider returns them, so the "extra"
-        column can't go below 1.10 GiB and issue 5's "<= 1.0 GiB extra peak" can only mean the "net" column;
+        column can't go below 1.10 GiB and the target "<= 1.0 GiB extra peak" can only mean the "net" column;
     liger_fx (compiled): + one (C, V) bf16 logits chunk, 0.49 GiB at C=2048 (kernels/fused_linear_cross_entropy.py:
         CHUNK_BYTES, 512 MiB) -> ~1.59 GiB extra, ~0.49 GiB net. The backward's `grad_output * dW` reuses the saved
         dW buffer in place (AOTAutograd donates saved tensors; checked in Inductor's output code: `buf1 = getitem_2;
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from bench.common import KernelBench
 
-SWEEP_CHUNK_MIB = (256,)  # besides the default 512 MiB; bench/flce_breakdown.py sweeps 1024..4096 rows per step
+SWEEP_CHUNK_MIB = (256,)  # besides the default 512 MiB; bench/lab/flce_breakdown.py sweeps 1024..4096 rows per step
 
 
 def _loss(h, w, shift_labels):

@@ -1,7 +1,7 @@
 """RMSNorm forward+backward at 16384x4096 bf16 (Llama casting, eps 1e-6): the model for a kernel benchmark module.
 
 Bytes fwd+bwd must move: read x, write y; read dy and x again, write dx (5 M*N bf16 = 671 MB), plus the weight and dW.
-At the H200's ~4.3 TB/s copy rate that is the 0.157 ms roofline issue 2 names.
+At the H200's ~4.3 TB/s copy rate that is a 0.157 ms roofline.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ Bytes fwd+bwd must move, one q = 8*2048*32*128 bf16 = 134 MB, one k = 33.5 MB:
     forward   read q, k; write q_out, k_out          2 x 168 MB
     backward  read dq_out, dk_out; write dq, dk      2 x 168 MB
     tables    cos, sin (2048 x 128 bf16) read once each way: 2 MB
-    total     673 MB -> 0.157 ms at the H200's ~4.3 TB/s copy rate (issue 3's roofline; target <= 0.30 ms)
+    total     673 MB -> 0.157 ms at the H200's ~4.3 TB/s copy rate (the roofline; target <= 0.30 ms)
 `liger_fx_separate` runs q and k as two `liger_fx::rope` launches, to show what the one-launch `rope_qk` buys.
 """
 

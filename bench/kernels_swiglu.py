@@ -3,7 +3,7 @@
 Bytes fwd+bwd must move, M = 16384, I = 14336, one (M, I) bf16 tensor = 470 MB:
     forward   read gate, up; write y                      3 tensors
     backward  read dy, gate, up; write dgate, dup         5 tensors
-    total     8 x 470 MB = 3.76 GB  -> 0.88 ms at the H200's ~4.3 TB/s copy rate (issue 4's roofline)
+    total     8 x 470 MB = 3.76 GB  -> 0.88 ms at the H200's ~4.3 TB/s copy rate (the roofline)
 The packed bench moves the same bytes (gate_up is 2 tensors wide). `liger_fx_strided` runs the split op on the two
 chunk views: autograd then concatenates dgate and dup into d(gate_up), 4 more tensors (12 in all, 1.32 ms floor);
 that gap is why the pattern emits the packed op for chunked projections.

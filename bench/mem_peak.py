@@ -1,7 +1,8 @@
-"""What is alive at the peak of one training step, by where it was allocated (issue 14's memory question).
+"""What is alive at the peak of one training step, by where it was allocated: which tensors make a variant's peak.
 
-    python -m bench.mem_peak --variant liger_fx [--shape llama-1b] [--batch 8] [--seq 2048] [--save snap.pickle]
-    python -m bench.mem_peak --load snap.pickle          # analyse a saved snapshot anywhere (no GPU needed)
+    python -m bench.run memory --variant liger_fx [--shape llama-1b] [--batch 8] [--seq 2048] [--save snap.pickle]
+    python -m bench.run memory --load snap.pickle        # analyse a saved snapshot anywhere (no GPU needed)
+(or `python -m bench.mem_peak ...`).
 
 Warms up (compilation and the optimizer's state included), then records the CUDA caching allocator's history for
 one step (torch.cuda.memory._record_memory_history, Python stacks), replays the alloc/free events to find the moment
@@ -83,8 +84,9 @@ def record(variant: str, shape: str, batch, seq, path) -> dict:
     import torch
 
     from bench import e2e
+    from bench.common import ensure_liger_backend
 
-    e2e._ensure_liger_backend()
+    ensure_liger_backend()
     sh = e2e.SHAPES[shape]
     model = e2e.build_model(sh, smoke=False, device="cuda", dtype=torch.bfloat16)
     fn = e2e.make_variant(variant, model, "cuda")
@@ -115,7 +117,7 @@ def record(variant: str, shape: str, batch, seq, path) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.mem_peak", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bench.run memory", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variant", default="liger_fx")
     p.add_argument("--shape", default="llama-1b")

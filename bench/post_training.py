@@ -38,8 +38,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from bench.common import GiB
-from bench.e2e import SHAPES, Unavailable, _compile_times, _ensure_liger_backend, _error_line, build_model
+from bench.common import GiB, ensure_liger_backend
+from bench.e2e import SHAPES, Unavailable, _compile_times, _error_line, build_model
 
 VARIANTS = ("inductor", "liger_fx", "liger_kernel", "eager")
 LR = 1e-6
@@ -197,7 +197,7 @@ def run_one(workload: str, variant: str, *, smoke: bool, device, steps: int, war
         if variant == "inductor":
             loss_fn = torch.compile(loss_fn)
         elif variant == "liger_fx":
-            _ensure_liger_backend()
+            ensure_liger_backend()
             loss_fn = torch.compile(loss_fn, backend="liger")
         elif variant != "eager":
             raise ValueError(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS)}")

@@ -1,6 +1,7 @@
 """Where one end-to-end training step spends its GPU time, by kernel class, for one variant.
 
-    python -m bench.profile_step --variant hf_hook [--shape llama-1b] [--top 20]
+    python -m bench.run profile --variant hf_hook [--shape llama-1b] [--top 20]     # or python -m bench.profile_step
+    python -m bench.run profile --smoke                  # CPU, tiny model, the host's op times: checks this script
 
 Builds the same model and batch as bench/e2e.py, warms up (compilation included), profiles one step (forward,
 backward, fused AdamW) and prints the CUDA time per class (matmul, attention, our fused ops, Inductor's generated
@@ -40,7 +41,7 @@ def classify(name: str) -> str:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench.run profile", description=__doc__.splitlines()[0])
     p.add_argument("--variant", default="hf_hook", choices=e2e.VARIANTS)
     p.add_argument("--shape", default="llama-1b", choices=sorted(e2e.SHAPES))
     p.add_argument("--warmup", type=int, default=3)
@@ -49,35 +50,55 @@ def main(argv=None) -> None:
     p.add_argument("--seq", type=int, default=None)
     p.add_argument("--ops", action="store_true",
                    help="also a second profiled step by op with input shapes: the lm_head-sized matmuls (an operand "
-                        "with the vocabulary's size) and attention, forward and backward (issue 14's table)")
+                        "with the vocabulary's size) and attention, forward and backward")
     p.add_argument("--gemms", action="store_true",
                    help="also a profiled step's matmuls one row per (op, input shapes, cuBLAS kernel): calls, ms, "
-                        "TFLOP/s (issue 17's per-GEMM table; the kernel name ends in its layout, e.g. NNT)")
+                        "TFLOP/s (the step's per-GEMM budget; the kernel name ends in its layout, e.g. NNT)")
     p.add_argument("--gaps", action="store_true",
                    help="also a profiled step's GPU idle time: the gaps between kernels, the kernels around the "
                         "largest and the CUDA runtime calls (syncs, mallocs) that overlap them; the trace goes to $OUT")
     p.add_argument("--host", type=int, default=0, metavar="N",
                    help="also profile N steps' Python with cProfile (host time per step, top functions by own time)")
+    p.add_argument("--smoke", action="store_true",
+                   help="CPU, the shape's tiny config, fp32, aot_eager codegen: the host's op times stand in for "
+                        "kernels (checks this script; --ops, --gemms and --gaps need CUDA)")
     args = p.parse_args(argv)
+    if args.smoke and (args.ops or args.gemms or args.gaps):
+        raise SystemExit("python -m bench.run profile: --ops, --gemms and --gaps read CUDA kernels; not with --smoke")
+    if not args.smoke:
+        return _profile(args)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    from bench.common import smoke_codegen
 
+    with smoke_codegen():
+        return _profile(args)
+
+
+def _profile(args) -> None:
+    cuda = not args.smoke
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     shape = e2e.SHAPES[args.shape]
-    B, T = args.batch or shape.batch, args.seq or shape.seq
-    model, step = e2e.training_step(args.shape, args.variant, batch=B, seq=T)
+    B, T = args.batch or (shape.batch if cuda else 2), args.seq or (shape.seq if cuda else 32)
+    model, step = e2e.training_step(args.shape, args.variant, smoke=args.smoke, batch=B, seq=T)
 
     for _ in range(args.warmup):
         step()
-    torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
     for _ in range(5):
         step()
-    torch.cuda.synchronize()
+    sync()
     wall_ms = (time.perf_counter() - t0) / 5 * 1e3
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    activity = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
+    with torch.profiler.profile(activities=[activity]) as prof:
         step()
-        torch.cuda.synchronize()
+        sync()
     per_class, per_kernel = defaultdict(float), defaultdict(lambda: [0.0, 0])
     for evt in prof.key_averages():
-        t = evt.device_time_total if hasattr(evt, "device_time_total") else evt.cuda_time_total
+        if not cuda:  # the CPU ops' own time, so that the tables below are filled as on a GPU
+            t = evt.self_cpu_time_total
+        else:
+            t = evt.device_time_total if hasattr(evt, "device_time_total") else evt.cuda_time_total
         if t <= 0:
             continue
         per_class[classify(evt.key)] += t
@@ -87,8 +108,9 @@ def main(argv=None) -> None:
     launches = defaultdict(int)
     for name, (_, n) in per_kernel.items():
         launches[classify(name)] += n
-    print(f"== {args.variant} on {args.shape} B{B} T{T}: {total / 1e3:.1f} ms of CUDA kernel time in one step, "
-          f"{sum(launches.values())} kernel launches; wall {wall_ms:.1f} ms a step")
+    what = "CUDA kernel time" if cuda else "CPU op time (smoke)"
+    print(f"== {args.variant} on {args.shape} B{B} T{T}: {total / 1e3:.1f} ms of {what} in one step, "
+          f"{sum(launches.values())} {'kernel launches' if cuda else 'op calls'}; wall {wall_ms:.1f} ms a step")
     for label, t in sorted(per_class.items(), key=lambda kv: -kv[1]):
         print(f"  {label:42s} {t / 1e3:8.2f} ms  {100 * t / total:5.1f}%  x{launches[label]}")
     print(f"== top {args.top} kernels")
@@ -108,13 +130,13 @@ def main(argv=None) -> None:
         import pstats
 
         prof = cProfile.Profile()
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         prof.enable()
         for _ in range(args.host):
             step()
         prof.disable()
-        torch.cuda.synchronize()
+        sync()
         out = io.StringIO()
         pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(args.top)
         print(f"== host: {(time.perf_counter() - t0) / args.host * 1e3:.1f} ms a step under cProfile; top {args.top} "

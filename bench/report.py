@@ -2,6 +2,7 @@
 
     python -m bench.report results.json                                   # print the tables
     python -m bench.report results.json --update bench/RESULTS.md --plot bench/e2e.png
+    python -m bench.report results.json --brief                           # the few lines bench/gpu.sh prints last
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import sys
 
 from bench.common import EXTRA_PEAK_DEFINITION
 
-# Measured on an H200 by the issues' authors (torch 2.11, transformers 5.17, liger-kernel 0.8.5): shown beside ours.
+# Measured on an H200 when the targets were set (torch 2.11, transformers 5.17, liger-kernel 0.8.5): shown beside
+# ours.
 KERNEL_ANCHORS = {  # key -> provider -> (ms, extra GiB or None)
     "rms_norm": {"torch": (2.70, None), "inductor": (0.687, None), "liger_kernel": (0.546, None)},
     "rope": {"torch": (2.04, None), "inductor": (0.605, None), "liger_kernel": (0.852, None)},
@@ -62,7 +64,7 @@ def kernel_table(results: dict) -> str:
     for r in results.get("kernels", []):
         names_per_key.setdefault(r.get("key"), set()).add(r.get("name"))
     for r in results.get("kernels", []):
-        # The issue's anchors belong to the issue's shape: the bench named like its key, or a module's only bench.
+        # The anchors belong to one shape per key: the bench named like its key, or a module's only bench.
         own = r.get("name") == r.get("key") or len(names_per_key[r.get("key")]) == 1
         anchor = KERNEL_ANCHORS.get(r.get("key"), {}).get(r.get("provider")) if own else None
         if r.get("gbs") is not None:
@@ -90,7 +92,8 @@ def kernel_table(results: dict) -> str:
         f"Ceilings measured in this run: copy {_f(c.get('copy_gbs'), '.0f')} GB/s (read+write), bf16 matmul "
         f"{_f(c.get('matmul_tflops'), '.0f')} TFLOP/s. floor ms = bytes/copy rate (GB/s rows) or FLOPs/matmul rate "
         "(TFLOP/s rows); % ceiling = floor / median.",
-        f"Targets (issues 2-5): " + "; ".join(f"{k} {v}" for k, v in KERNEL_TARGETS.items()) + ".",
+        "Targets (set for each op before its kernel was written): "
+        + "; ".join(f"{k} {v}" for k, v in KERNEL_TARGETS.items()) + ".",
         EXTRA_PEAK_DEFINITION,
         "err vs torch = max over (output, input grads) of ||provider - torch eager|| / ||torch eager||, all bf16.",
     ]
@@ -277,6 +280,24 @@ def short_summary(results: dict) -> str:
     return "\n".join(lines)
 
 
+def brief(results: dict) -> str:
+    """short_summary, the post-training rows, and what the backend rewrote in each row: what bench/gpu.sh prints of
+    each job last."""
+    lines = [short_summary(results)]
+    for r in results.get("post_training", []):
+        loss = (r.get("losses") or [None])[-1]
+        lines.append(f"post {r['workload']:17s} {r['variant']:15s} {_f(r.get('tok_s'), '8,.0f', '       -')} tok/s  "
+                     f"peak {_f(r.get('peak_gib'), '6.2f')} GiB  x inductor tok/s {_f(r.get('tok_s_vs_inductor'))} "
+                     f"peak {_f(r.get('peak_vs_inductor'))}  loss {_f(loss, '.5f')}  {r.get('status')}")
+    for kind, ident in (("e2e", "shape"), ("post_training", "workload"), ("distill", "shape")):
+        for r in results.get(kind, []):
+            rewrites = {k: v for k, v in sorted((r.get("replaced") or {}).items()) if v}
+            if rewrites:
+                lines.append(f"  rewrites {r.get(ident)}/{r['variant']}: "
+                             + ", ".join(f"{k} {v}" for k, v in rewrites.items()))
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Plot and RESULTS.md
 
@@ -391,12 +412,16 @@ def main(argv=None) -> int:
     p.add_argument("json", nargs="+", help="results.json written by python -m bench.run (several are merged)")
     p.add_argument("--update", metavar="RESULTS_MD", help="update this RESULTS.md (latest block + history rows)")
     p.add_argument("--plot", metavar="PNG", help="write the tok/s and peak bar plot here")
+    p.add_argument("--brief", action="store_true", help="print one line per row (and the ratios), not the tables")
     args = p.parse_args(argv)
     runs = []
     for path in args.json:
         with open(path) as f:
             runs.append(json.load(f))
     results = merge(runs)
+    if args.brief:
+        print(brief(results))
+        return 0
     print(render_markdown(results))
     if args.plot:
         why = plot_e2e(results, args.plot)

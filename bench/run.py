@@ -3,6 +3,11 @@
     python -m bench.run --kernels all --e2e llama-1b [--smoke] [--out DIR]
     python -m bench.run --kernels none --e2e none --post all      # GRPO/DPO steps (bench/post_training.py)
     python -m bench.run --kernels none --e2e none --distill llama-1b-jsd     # the distillation step (bench/distill.py)
+    python -m bench.run <tool> [its options]      # profile, memory, warmup, trainer, convergence, distributed, trl
+
+The tools (`python -m bench.run <tool> --help` for each; listed under TOOLS below) answer the other questions a user
+asks of a training step: where its time or its memory goes, what the first step compiles, the same comparison
+through the HF Trainer or TRL, over 50 steps of training, or at a world size.
 
 Registry protocol (one function per kernel module, `bench/kernels_<key>.py`):
 
@@ -34,6 +39,21 @@ import torch
 
 from bench import common, distill, e2e, post_training, report
 from bench.common import GiB, KernelBench
+
+# python -m bench.run <tool> ...: the tool's own CLI (each module also runs as `python -m <module>`).
+TOOLS = {
+    "profile": ("bench.profile_step", "where one step's GPU time goes: kernel classes, top kernels (--gemms, --gaps, "
+                "--ops, --host)"),
+    "memory": ("bench.mem_peak", "what is alive at one step's memory peak, by where it was allocated (CUDA)"),
+    "warmup": ("bench.compile_profile", "where the first step's compile time goes (Dynamo, the rewrite, AOTAutograd, "
+               "Inductor, Triton), from empty caches"),
+    "trainer": ("bench.e2e_trainer", "Trainer.train() with the liger-fx hook, liger-kernel, torch_compile=True, eager"),
+    "convergence": ("bench.convergence", "every model family trained as eager, Inductor and liger-fx: loss curves, "
+                    "final weights"),
+    "distributed": ("bench.distributed", "FSDP2 and DDP under torchrun at a world size (examples/train_fsdp2.py), "
+                    "with a loss check across world sizes"),
+    "trl": ("bench.trl_trainers", "TRL's SFT/DPO/GRPO trainers with and without the hook (needs trl)"),
+}
 
 KERNELS = {  # key -> module; the order is the run order
     "rms_norm": "bench.kernels_rms_norm",
@@ -165,7 +185,8 @@ def _csv(value: str, universe, what: str) -> list[str]:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="tools:\n" + "\n".join(f"  {k:12s} {why}" for k, (_, why) in TOOLS.items()))
     p.add_argument("--kernels", default="all", help=f"all, none, or a comma list of {', '.join(KERNELS)}")
     p.add_argument("--e2e", default="llama-1b", help=f"none, all, or a comma list of {', '.join(e2e.SHAPES)}")
     p.add_argument("--variants", default="all",
@@ -351,7 +372,17 @@ def _distill_work(args, results: dict, env: dict, left) -> None:
             save(results, args.out)
 
 
+def run_tool(argv: list[str]) -> int:
+    """`python -m bench.run <tool> ...`: the tool's own main with the rest of the arguments."""
+    module, _ = TOOLS[argv[0]]
+    return importlib.import_module(module).main(argv[1:]) or 0
+
+
 def main(argv=None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv and argv[0] in TOOLS:
+        return run_tool(list(argv))
     args = parse_args(argv)
     if torch.device(args.device).type == "cpu":
         # Kernel modules may call Triton launchers on CPU tensors; the interpreter must be on before they import.
@@ -362,7 +393,7 @@ def main(argv=None) -> int:
         return float("inf") if args.budget_s is None else args.budget_s - (time.perf_counter() - start)
 
     env = common.env_info()
-    results = {"env": env, "smoke": args.smoke, "device": args.device, "argv": sys.argv[1:] if argv is None else argv,
+    results = {"env": env, "smoke": args.smoke, "device": args.device, "argv": list(argv),
                "loss_atol": args.loss_atol, "loss_rtol": args.loss_rtol, "ceilings": {}, "kernels": [], "e2e": [],
                "post_training": [], "distill": [], "notes": [],
                "definitions": {"extra_peak": common.EXTRA_PEAK_DEFINITION, "e2e": report.E2E_DEFINITIONS}}

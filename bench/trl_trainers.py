@@ -3,7 +3,8 @@ GRPOTrainer on a tiny random Llama (2 layers, hidden 64, V 512, fp32), with the 
 liger_fx.integrations.transformers` and `use_liger_kernel=True`, or `--via torch_compile_backend`), with the hook but
 TRL's own LM head (flag `fused_linear_logprobs` off), and without the hook, from the same weights, data and seed.
 
-    PYTHONPATH=. python -m bench.trl_trainers                      # all three trainers x three variants; a table last
+    python -m bench.run trl                                        # all three trainers x three variants; a table last
+    PYTHONPATH=. python -m bench.trl_trainers                      # the same
     PYTHONPATH=. python -m bench.trl_trainers --trainers grpo --json out.json --verbose
 
 Needs trl (checked with 1.16), which is not a dependency of liger-fx: run it in a venv that has it (~2.5 min on the
@@ -257,7 +258,7 @@ VARIANTS = (("no hook", False, None), ("hook, TRL's head", True, {"fused_linear_
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench.run trl", description=__doc__.splitlines()[0])
     p.add_argument("--trainers", default=",".join(TRAINERS))
     p.add_argument("--json", default=None)
     p.add_argument("--via", default="use_liger_kernel", choices=("use_liger_kernel", "torch_compile_backend"),

@@ -117,18 +117,11 @@ def liger_backend(gm: fx.GraphModule, example_inputs, options: dict | None = Non
     """The `torch_dynamo_backends` entry point `liger`."""
     config, inductor_options = split_options(options)  # a bad flag raises here, before any work
     mode = (options or {}).get("mode", mode)  # torch.compile takes mode= or options=, not both
-    patches = {**_mode_patches(mode), **inductor_options}
+    compile_one = functools.partial(compile_fx, config_patches={**_mode_patches(mode), **inductor_options} or None)
     record = rewrite.GraphRecord(next(_graph_index))
     rewrite.RECORDS.append(record)
     if distributed.is_backward_graph():  # compiled autograd's capture of a backward: nothing of ours to find
-        record.kind = "backward"
-        try:
-            compiled = compile_fx(gm, example_inputs, config_patches=patches or None)
-        except Exception as e:
-            _discard(record, e)
-            raise
-        _commit(record)
-        return compiled
+        return _compile_backward(gm, example_inputs, compile_one, record)
     checkpointing.warn_if_checkpoint_broke(record.index)  # checkpointed layers Dynamo left out of every graph
     ddp_caps = distributed.owned_split()  # DDP's whole graph, ours to cut after the rewrite (or None)
     if ddp_caps is not None:
@@ -139,19 +132,12 @@ def liger_backend(gm: fx.GraphModule, example_inputs, options: dict | None = Non
     masks = None
     try:
         with dynamo_timed("liger_fx.rewrite_graph"):  # in torch._dynamo.utils.compile_times(), beside Inductor's
-            compiled_gm = rewrite_graph(gm, example_inputs, config, record)
+            compiled_gm = rewrite_graph(gm, example_inputs, config, record)  # steps 1 and 2
         distributed.note_bucket_cuts(gm, compiled_gm, record)  # a DDP bucket: say which misses its boundary explains
         if ddp_caps is not None:
             distributed.carry_dynamo_meta(gm, compiled_gm)  # what DDPOptimizer reads from Dynamo's graph
         else:  # (under DDP the bucket cut would have to carry the extra outputs across submodules: not done)
-            # Dynamo guards on grad mode: this is the call's. Not in a DDPOptimizer bucket: its outputs feed the next
-            # bucket's compiled function, which takes plain tensors.
-            if config.lazy_logits and torch.is_grad_enabled() and not distributed.is_ddp_bucket(gm):
-                lazy = linear_cross_entropy.lazy_returned_logits(compiled_gm.graph)
-            returned = linear_cross_entropy.detach_returned_logits(compiled_gm.graph)
-            if returned or lazy:
-                record.logits_grad_outside = sum(len(r.positions) for r in returned)
-                record.lazy_logits = sum(len(r.positions) for r in lazy)
+            returned, lazy = _logits_out_of_autograd(gm, compiled_gm, config, record)  # step 3
         if config.causal_sdpa:  # causal masks this graph returns: marked for the graphs that read them
             masks = causal_mask.MaskPlan(compiled_gm, gm, checks=ddp_caps is None)
             record.causal_masks_out, record.causal_masks_checked = len(masks.proven), len(masks.checked)
@@ -159,7 +145,6 @@ def liger_backend(gm: fx.GraphModule, example_inputs, options: dict | None = Non
     except Exception as e:  # the fallback is the product's promise: never worse than Inductor
         _fall_back(record, "rewrite", e)
         compiled_gm, returned, lazy, masks = gm, [], [], None
-    compile_one = functools.partial(compile_fx, config_patches=patches or None)
 
     def compile_graph(graph: fx.GraphModule):
         if ddp_caps is not None:  # cut now, at DDP's buckets: no boundary can fall inside a fused op
@@ -189,6 +174,34 @@ def liger_backend(gm: fx.GraphModule, example_inputs, options: dict | None = Non
         raise
     _commit(record)
     return compiled
+
+
+def _compile_backward(gm: fx.GraphModule, example_inputs, compile_one: Callable, record: rewrite.GraphRecord):
+    """A backward graph (compiled autograd) goes to Inductor as it is: our ops' backward formulas are in it already."""
+    record.kind = "backward"
+    try:
+        compiled = compile_one(gm, example_inputs)
+    except Exception as e:
+        _discard(record, e)
+        raise
+    _commit(record)
+    return compiled
+
+
+def _logits_out_of_autograd(gm: fx.GraphModule, rewritten: fx.GraphModule, config: LigerConfig,
+                            record: rewrite.GraphRecord) -> tuple[list, list]:
+    """Step 3 on the rewritten graph: lm_head outputs that only leave it become (h, W, b) outputs for lazy logits,
+    and logits returned beside a fused loss leave its autograd, with (h, W, b) appended to re-attach their gradient.
+    Lazy only where the call records gradients (Dynamo guards on grad mode, so this is the call's) and not in a
+    DDPOptimizer bucket, whose outputs feed the next bucket's compiled function, which takes plain tensors."""
+    lazy = []
+    if config.lazy_logits and torch.is_grad_enabled() and not distributed.is_ddp_bucket(gm):
+        lazy = linear_cross_entropy.lazy_returned_logits(rewritten.graph)
+    returned = linear_cross_entropy.detach_returned_logits(rewritten.graph)
+    if returned or lazy:
+        record.logits_grad_outside = sum(len(r.positions) for r in returned)
+        record.lazy_logits = sum(len(r.positions) for r in lazy)
+    return returned, lazy
 
 
 def _n_outputs(gm: fx.GraphModule) -> int | None:

@@ -5,7 +5,7 @@ DDP's gradient buckets end, so that each bucket's all-reduce can start while the
 still runs, and calls the backend once per bucket. A fusion whose ops straddle a boundary cannot match. The boundary
 lands after the op that fills a bucket, i.e. after a large projection: on the Llama-3.2-1B shape (bf16, 16 layers,
 DDP's 25 MiB buckets) Dynamo cuts the graph into 50 buckets and every MLP between `silu(gate)` and `* up`: SwiGLU
-0/16, while RMSNorm 33/33, RoPE 32/32 and lm_head + loss 1/1 stayed whole (`python -m bench.ddp_buckets`: rewrite
+0/16, while RMSNorm 33/33, RoPE 32/32 and lm_head + loss 1/1 stayed whole (`python -m bench.lab.ddp_buckets`: rewrite
 only, on CPU, 2 min).
 
 What we do: `split_after_rewrite` (below) has Dynamo hand the backend the whole graph; the backend rewrites it and

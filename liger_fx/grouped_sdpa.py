@@ -5,7 +5,7 @@ unrepeated k and v with `enable_gqa=True`.
     scaled_dot_product_attention(q, k, v, is_causal=True)
  -> scaled_dot_product_attention(q, x_k, x_v, is_causal=True, enable_gqa=True)
 
-Why, measured on the H200 before building it (bench/gemm_levers.py --attention, causal SDPA fwd+bwd at B8 T2048
+Why, measured on the H200 before building it (bench/lab/gemm_levers.py --attention, causal SDPA fwd+bwd at B8 T2048
 bf16, commit 7ed726d): cuDNN runs grouped heads itself (its backward adds one kernel that reduces dk and dv over the
 group), so the repeated copies are neither written in the forward, saved for the backward, nor summed back:
 Llama-3.2-1B 1.754 -> 1.512 ms a layer, Llama-3-8B 2.793 -> 2.297, Qwen2-1.5B 1.218 -> 0.934 (3.9, 4.0 and 8.0 ms a

@@ -4,7 +4,7 @@ one of them is narrow.
     q, k, v = linear(x, Wq, bq), linear(x, Wk, bk), linear(x, Wv, bv)
  -> q, k, v = split_with_sizes(linear(x, cat([Wq, Wk, Wv]), cat([bq, bk, bv])), [nq, nkv, nkv], -1)
 
-Why, measured on the H200 before building it (bench/gemm_levers.py, one layer's projections fwd+bwd at B8 T2048 bf16,
+Why, measured on the H200 before building it (bench/lab/gemm_levers.py, one layer's projections fwd+bwd, B8 T2048 bf16,
 commit 63cc925): the k and v projections of grouped-query attention are narrow matmuls (512 outputs at Llama-3.2-1B,
 256 at Qwen2-1.5B) that cuBLAS ran at 415-541 TFLOP/s against 640-760 for the wide ones, and the backward adds their
 three input gradients. As one matmul: Llama-3.2-1B 0.988 -> 0.930 ms a layer, Qwen2-1.5B 0.832 -> 0.611, Llama-3-8B

@@ -334,7 +334,7 @@ RECOMPUTE_MIN_BYTES = 1 << 30
 small and each recomputed op is one more kernel launch in the backward, which a small step pays on the host. Llama-
 3.2-1B shape: 6.1 GiB at B8 T2048 (recompute on), 0.39 GiB at B1 T1024 (off: 941 launches a step instead of 989
 on the H200, where the plain path's step is host-bound; before, it launched ~150 more a step than Inductor and
-spent ~3.8 ms more host time in the backward, bench/host_split.py). A graph with symbolic sizes always recomputes: its sizes at run time
+spent ~3.8 ms more host time in the backward, bench/lab/host_split.py). A graph with symbolic sizes always recomputes: its sizes at run time
 are not known here. Nor does a graph that does not hold the whole step (`_whole_step`): under FSDP2 each decoder layer
 is its own graph, 0.38 GiB of fused outputs at Llama-3.2-1B B8 T2048, "small" in each of 16 graphs and 6 GiB in all."""
 

@@ -63,7 +63,7 @@ def torch_config_unchanged(request):
 
     Why: pytest 9's `monkeypatch.setattr(torch._functorch.config, ...)` deletes the entry on undo (it records the old
     value from the module's __dict__, where torch's config modules keep nothing), and every later compile failed
-    with "enable_autograd_cache does not exist": 111 failures on a fresh machine while CI stayed green (issue 13).
+    with "enable_autograd_cache does not exist": 111 failures on a fresh machine while CI stayed green.
     Change torch config only with its own `config.patch(...)`. A failure here names the test, module and key."""
     before = _config_snapshot()
     yield

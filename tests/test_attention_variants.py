@@ -1,4 +1,4 @@
-"""Whole models whose attention mask is not the plain causal triangle (issue 16, section 2): packed sequences,
+"""Whole models whose attention mask is not the plain causal triangle: packed sequences,
 sliding windows mixed with full layers, softcapped attention. The rewrites around attention must leave these masks
 alone (option `causal_sdpa` fires only on a provably causal mask) and the step must equal eager."""
 

@@ -19,7 +19,7 @@ import torch
 from bench import e2e, report, run
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
-cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="GPU machines run the real thing (bench/gpu_all.sh)")
+cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="GPU machines run the real thing (bench/gpu.sh)")
 
 
 @cpu_only

@@ -1,8 +1,8 @@
-"""On a GPU: the fused ops inside compiled graphs are launched by Inductor (issue 18), and `mode="reduce-overhead"`
+"""On a GPU: the fused ops inside compiled graphs are launched by Inductor, and `mode="reduce-overhead"`
 captures a whole training step with every fused op in CUDA graphs, with no cudagraph skip and no recompile.
 
-CPU machines skip this file: Triton's interpreter cannot run under torch.compile (pytorch #152868). bench/gpu_all.sh
-runs it on the H200."""
+CPU machines skip this file: Triton's interpreter cannot run under torch.compile (pytorch #152868). bench/gpu.sh
+runs it on a lent GPU (PYTEST=...)."""
 
 import logging
 
@@ -112,7 +112,7 @@ def _grads(model):
 
 @pytest.mark.parametrize("model_type", ["qwen3", "gemma"])
 def test_dynamic_true_fuses_every_site_with_inductor_launching_the_kernels(model_type):
-    """`dynamic=True` (issue 16): every norm's eps is a float input of Dynamo's graph there, pinned as a constant by
+    """`dynamic=True`: every norm's eps is a float input of Dynamo's graph there, pinned as a constant by
     the rewrite (rewrite.specialize), and the launchers run on symbolic row counts. Every site fuses as in a static
     compile, the generated code launches our kernels, a second length reuses the graph, and the loss and every
     gradient are within the tolerance rule of the fp32 model's (gradients compared by norm: a per-element rule over

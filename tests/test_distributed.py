@@ -50,7 +50,7 @@ TOL = dict(atol=1e-5, rtol=1e-4)
 
 # Llama-3.2-1B with every width divided by 16 (hidden 128, intermediate 512, vocab 8016, head_dim 64, tied lm_head)
 # and DDP's 25 MiB bucket by 256, doubled for fp32: each weight matrix fills the share of a bucket it fills at full
-# size in bf16 (an MLP projection 1.25 buckets), where Dynamo's own split cuts every SwiGLU (bench/ddp_buckets.py).
+# size in bf16 (an MLP projection 1.25 buckets), where Dynamo's own split cuts every SwiGLU (bench/lab/ddp_buckets.py).
 LLAMA_1B_BY_16 = ["--hidden", "128", "--intermediate", "512", "--layers", "2", "--heads", "2", "--kv-heads", "1",
                   "--vocab", "8016", "--tie", "--bucket-cap-mb", str(25 / 256 * 2)]
 # The example's default model (hidden 64, intermediate 96, vocab 128) fits DDP's default bucket whole, which cuts
@@ -135,7 +135,7 @@ def _check_numerics(result, params, ref):
         torch.testing.assert_close(params[name], ref, **TOL, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.slow  # gloo on CPU: nothing for the GPU run to learn here (bench/gpu_all.sh runs -m "not slow")
+@pytest.mark.slow  # gloo on CPU: nothing for the GPU run to learn here (bench/gpu.sh runs -m "not slow")
 @pytest.mark.parametrize("model", [LLAMA_1B_BY_16, TINY_DEFAULT], ids=["llama-1b-by-16", "tiny-default"])
 def test_ddp_with_default_settings_fuses_every_site_and_trains_like_eager(model, tmp_path, tmp_path_factory):
     # The example leaves optimize_ddp alone, builds DDP with its own bucket size and calls the bare
@@ -294,12 +294,12 @@ def test_norm_cut_by_a_bucket_is_a_near_miss_that_says_so(cap, cut):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Where the cut falls. No compile: each piece is rewritten and run uncompiled (bench/ddp_buckets.py).
+# Where the cut falls. No compile: each piece is rewritten and run uncompiled (bench/lab/ddp_buckets.py).
 
 
-@pytest.mark.slow  # CPU only, nothing for the GPU run to learn here (bench/gpu_all.sh runs -m "not slow")
+@pytest.mark.slow  # CPU only, nothing for the GPU run to learn here (bench/gpu.sh runs -m "not slow")
 def test_cut_after_the_rewrite_keeps_dynamos_buckets_and_every_site():
-    from bench.ddp_buckets import compare, layout, scaled
+    from bench.lab.ddp_buckets import compare, layout, scaled
 
     cfg, cap = scaled(16, torch.float32, layers=2)  # LLAMA_1B_BY_16's model and bucket
     out = compare(cfg, cap, torch.float32)

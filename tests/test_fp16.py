@@ -1,5 +1,5 @@
 """fp16 models, every built-in family: each rewrite either fuses and is right, or is refused with a near-miss
-reason, never wrong (issue 16). Right means STYLE's rule against the same weights in fp32, for the loss and every
+reason, never wrong. Right means STYLE's rule against the same weights in fp32, for the loss and every
 parameter's gradient, per tensor (tests/tolerance.assert_max_error_rule says why not per element)."""
 
 import copy

@@ -1,6 +1,6 @@
 """On a GPU: the loss outside the compiled model with lazy logits runs the Triton fused lm_head + loss eagerly,
 matches the fp32 reference by the tolerance rule in bf16, and its step's peak is at least the bf16 logits below the
-same loop with plain logits (option lazy_logits off). CPU machines skip this file; bench/gpu_all.sh runs it."""
+same loop with plain logits (option lazy_logits off). CPU machines skip this file; bench/gpu.sh runs it (PYTEST=...)."""
 
 import copy
 

@@ -148,8 +148,8 @@ def test_progress_lines_on_stderr(all_run):
 @pytest.mark.parametrize("encoder", ["bert", "roberta"])
 def test_encoders_fuse_only_their_masked_lm_loss(all_run, encoder):
     """LayerNorm, absolute positions, a GELU MLP: nothing for rms_norm/rope/swiglu/geglu. Their masked-LM head +
-    cross-entropy is a linear feeding a cross-entropy like any lm_head (issue 16 dropped the causal-LM scope), so it
-    is the one site, fused; the model compiles whole."""
+    cross-entropy is a linear feeding a cross-entropy like any lm_head (every such loss is a site, not only causal-LM
+    ones), so it is the one site, fused; the model compiles whole."""
     (entry,) = [e for e in all_run["doc"]["models"] if e["model"] == encoder]
     assert entry["patterns"], entry
     for flag, p in entry["patterns"].items():

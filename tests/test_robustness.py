@@ -1,4 +1,4 @@
-"""The whole pipeline where users push it (issue 16, section 3): a rewrite that raises part-way through a graph,
+"""The whole pipeline where users push it: a rewrite that raises part-way through a graph,
 changing sequence lengths, batch 1 and sequence length 1, generation, gradient checkpointing. Each on the tiny
 Llama (hidden 64, 1 or 2 layers), against eager."""
 

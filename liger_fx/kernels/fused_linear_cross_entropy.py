@@ -37,7 +37,7 @@ from .cross_entropy import (REDUCTIONS, _count, _ref_lse, _reduce, ce_grad_rows,
                             cross_entropy_ref, cross_entropy_ref_backward, grad_scale_of)
 
 # Bytes of the (C, V) logits chunk buffer. C = CHUNK_BYTES / (V * itemsize), rounded down to a multiple of 128 rows
-# (a GEMM tile): 2048 rows at V=128256 bf16. Measured on an H200 (bench/flce_breakdown.py, N=16384 H=4096 V=128256;
+# (a GEMM tile): 2048 rows at V=128256 bf16. Measured on an H200 (bench/lab/flce_breakdown.py, N=16384 H=4096 V=128256;
 # the three full-size matmuls take 75.5 ms there, 684 TFLOP/s, the floor no chunking beats):
 #     C=1024 82.3 ms, 1.35 GiB extra | C=2048 80.2 ms, 1.59 GiB | C=3072 79.6 ms, 1.84 GiB | C=4096 79.9 ms, 2.08 GiB
 # (extra includes dh and dW, 1.10 GiB). Smaller chunks lose to the dW update, which reads and writes all of dW per
@@ -270,8 +270,8 @@ def fused_linear_cross_entropy(h, weight, target, bias=None, ignore_index: int =
 # `model(input_ids, labels=labels)` returns the logits beside the loss, so the (N, V) logits must exist. Fusing the loss
 # without the linear then costs more than it saves: the op above recomputes the logits chunk by chunk (a second lm_head
 # matmul beside the returned one), and in training AOTAutograd hands the returned logits a zeros gradient, which the
-# linear's own backward runs through two more matmuls: ~26 ms per Llama-3.2-1B step at B8 T2048 on the H200 (issue
-# 14). This op owns both the linear and the loss, so both gradients reach one backward:
+# linear's own backward runs through two more matmuls: ~26 ms per Llama-3.2-1B step at B8 T2048 on the H200.
+# This op owns both the linear and the loss, so both gradients reach one backward:
 #     forward   logits = h @ W^T (+ b)    one matmul, the logits the caller gets
 #               loss, lse                  one pass over the logits (the CE row kernel, fp32, 4 bytes a row saved)
 #     backward  per chunk of C rows: dlogits_c = dCE/dlogits_c * grad_loss + grad_logits_c    one pass, fp32, rounded

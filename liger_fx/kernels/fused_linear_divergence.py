@@ -71,7 +71,7 @@ BLOCK_V = 2048
 def chunk_rows(N: int, V: int, itemsize_s: int, itemsize_t: int) -> int:
     """Rows per chunk: the two (C, V) buffers together hold CHUNK_BYTES (the linear + cross-entropy op's one buffer),
     rounded down to a multiple of 128 rows: 1024 at V=128256 in bf16. On the H200, the linear + cross-entropy op
-    measured 82.3 ms at 1024 rows against 80.2 at 2048 (bench/flce_breakdown.py): 2.6% of the head's time for half
+    measured 82.3 ms at 1024 rows against 80.2 at 2048 (bench/lab/flce_breakdown.py): 2.6% of the head's time for half
     the buffer memory."""
     rows = max(128, (CHUNK_BYTES // (V * (itemsize_s + itemsize_t))) // 128 * 128)
     return max(1, min(N, rows))

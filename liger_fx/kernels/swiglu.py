@@ -183,7 +183,7 @@ FLAT_CONFIG = (1024, 4)
 
 
 def _flat(*ts) -> bool:
-    """Contiguous (M, N) tensors run the flat kernels. Measured on the H200 (bench/sweep_swiglu.py, 16384 x 14336
+    """Contiguous (M, N) tensors run the flat kernels. Measured on the H200 (bench/lab/sweep_swiglu.py, 16384 x 14336
     bf16): Inductor's own kernels for the same traffic took 0.327 ms (fwd) and 0.549 (bwd), the 2-D kernels 0.339 and
     0.570 at their best config, 4% slower; the 2-D grid with Inductor's block shape (1024 columns, 4 warps) was
     0.344 / 0.577, so the difference is per-element work (int64 row offsets, masks), not the block shape. The flat

@@ -14,7 +14,7 @@ flag `fused_linear_cross_entropy`:
   `liger_fx::lm_head_cross_entropy`, which computes the logits once and fuses the loss's gradient with the logits'
   own, so the step runs three lm_head matmuls as an unfused model does (recorded with the suffix `/logits-returned`;
   the INFO line says `lm_head+CE on returned logits`). Fusing the loss alone there cost ~26 ms of extra matmuls per
-  Llama-3.2-1B step on the H200 (issue 14). Where the logits are only returned, the backend then takes them out of
+  Llama-3.2-1B step on the H200. Where the logits are only returned, the backend then takes them out of
   the graph's autograd (`detach_returned_logits`, end of this file) so that no zeros gradient of N x V is made for
   them; their gradient is attached outside the graph (the INFO line adds "their gradient outside the graph").
 The label pad + shift and the division by num_items_in_batch (int or tensor) stay in the graph untouched.
@@ -24,7 +24,7 @@ becomes `liger_fx::cross_entropy` (fp32 math without an fp32 copy of the logits)
 Scope: every cross-entropy on class-index targets, whatever produced the targets (HF's shift, a loader that shifted
 them already, masked-LM labels). An earlier version fused only causal-LM losses so that BERT/RoBERTa would read "no
 applicable patterns"; a masked-LM head's linear + cross-entropy is the same computation at the same size (V = 30522
-or 50265 classes) and now fuses too (issue 16).
+or 50265 classes) and now fuses too: nothing in the computation is causal.
 
 Why a walk and not `Pattern`s: the chain between the lm_head and the loss is any order of casts, scalar mul/div,
 views and at most one tanh (2 x 3 x 2 x 3 = 36 search variants with Inductor's matcher), and a plain

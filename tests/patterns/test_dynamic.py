@@ -1,4 +1,4 @@
-"""`torch.compile(..., dynamic=True)` (issue 16). Dynamo turns float attributes into graph inputs there (every norm's
+"""`torch.compile(..., dynamic=True)`. Dynamo turns float attributes into graph inputs there (every norm's
 eps; Gemma2's final_logit_softcapping), read as a SymFloat; every family must still match as in a static compile,
 with eager parity. Per-family details (a new eps recompiling, the softcap) are in test_rms_norm.py and
 test_linear_cross_entropy.py."""

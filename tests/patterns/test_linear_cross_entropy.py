@@ -133,7 +133,7 @@ def flag_args(monkeypatch):
     monkeypatch.setattr(liger_fx.backend, "compile_fx", lambda gm, ex, **kw: real(gm, ex, inner_compile=inner, **kw))
     # A cache hit skips inner_compile. Torch config only through its own patch(): pytest 9's monkeypatch.setattr
     # deletes a torch config entry on undo (it looks for the old value in the module's __dict__), and every later
-    # compile then failed with "enable_autograd_cache does not exist" (issue 13).
+    # compile then failed with "enable_autograd_cache does not exist".
     with torch._functorch.config.patch(enable_autograd_cache=False):
         yield seen
 
@@ -500,7 +500,7 @@ def test_unsupported_cross_entropy_is_a_near_miss_with_reason(kwargs, reason):
 
 
 def test_a_loss_on_any_labels_is_fused():
-    """Issue 16: every linear feeding a cross-entropy is a site, whatever produced the targets: labels the loader
+    """Every linear feeding a cross-entropy is a site, whatever produced the targets: labels the loader
     already aligned (torchtitan, nanoGPT: no shift in the graph), a masked-LM head's labels. The lm_head written as
     `h @ W.t()` is a linear too."""
     torch.manual_seed(0)

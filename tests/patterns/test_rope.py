@@ -330,7 +330,7 @@ def test_tables_requiring_grad_are_refused_and_still_get_grads():
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Every way public model code writes RoPE (issue 16): interleaved pairs, halves rotated with half-width tables and
+# Every way public model code writes RoPE: interleaved pairs, halves rotated with half-width tables and
 # joined, complex multiplication, DeepSeek's permutation into halves; full and partial rotary, fp32 and bf16, a
 # second sequence length, and an MLA front whose single-head k_pe is broadcast over the query heads. HF's own
 # functions where transformers has the form; the others as their model code writes them.

@@ -1,7 +1,7 @@
-"""Issue 17's matmul levers, each measured alone before any is built: one layer's projections, separate against
+"""The training step's matmul levers, each measured alone before any is built: one layer's projections, separate against
 horizontally fused (one matmul on the concatenated weights), forward + backward, on the GPU.
 
-    python -m bench.gemm_levers [--shapes llama-1b,qwen2-1.5b,llama-8b-8l] [--autotune]
+    python -m bench.lab.gemm_levers [--shapes llama-1b,qwen2-1.5b,llama-8b-8l] [--autotune]
 
 Per shape (bench/e2e.py's configs, N = B*T tokens) it times, with CUDA events, the median of 20 fwd+bwd passes of
   qkv     q, k, v = x Wq^T, x Wk^T, x Wv^T                 vs  y = x cat(Wq, Wk, Wv)^T, split (grads concatenated)

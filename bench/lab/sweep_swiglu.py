@@ -1,7 +1,7 @@
-"""SwiGLU kernel-only times on a GPU: our launch configs against Inductor's own kernels for the same math (issue 18's
-per-op row: through torch.compile ours took 0.906 ms against Inductor's 0.872 at 16384x14336 bf16, fwd+bwd).
+"""SwiGLU kernel-only times on a GPU: our launch configs against Inductor's own kernels for the same math (the
+per-op row that asked: through torch.compile ours took 0.906 ms against Inductor's 0.872 at 16384x14336 bf16, fwd+bwd).
 
-    python -m bench.sweep_swiglu
+    python -m bench.lab.sweep_swiglu
 
 Rows: the forward (read g, u; write y) and backward (read dy, g, u; write dg, du) separately, median of do_bench,
 and GB/s over those bytes. `inductor` compiles the same math as plain torch functions (fwd, and the backward written

@@ -1,4 +1,4 @@
-"""Kernel-only timings and launch-config sweeps on a GPU (python -m bench.sweep_kernels), plus a profile of the bench providers' per-call overhead. Produced the kernel-only table of bench/RESULTS.md."""
+"""Kernel-only timings and launch-config sweeps on a GPU (python -m bench.lab.sweep_kernels), plus a profile of the bench providers' per-call overhead. Produced the kernel-only table of bench/RESULTS.md."""
 import torch, itertools
 from triton.testing import do_bench
 import liger_fx

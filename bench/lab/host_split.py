@@ -1,6 +1,6 @@
-"""Where a small training step's host time goes, per phase, for several variants (issue 18).
+"""Where a small training step's host time goes, per phase, for several variants.
 
-    python -m bench.host_split [--shape llama-1b] [--batch 1] [--seq 1024] [--steps 30] [--variants ...]
+    python -m bench.lab.host_split [--shape llama-1b] [--batch 1] [--seq 1024] [--steps 30] [--variants ...]
 
 At B1 T1024 the host (Python, guards, launches) takes about as long as the GPU, so the step time is the host's.
 For each variant, in one process after warm-up:
@@ -25,6 +25,7 @@ import time
 import torch
 
 from bench import e2e
+from bench.common import ensure_liger_backend
 
 
 def _gc_timer():
@@ -102,7 +103,7 @@ def measure(shape_name: str, variant: str, B: int, T: int, steps: int) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.host_split", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bench.lab.host_split", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="llama-1b", choices=sorted(e2e.SHAPES))
     p.add_argument("--batch", type=int, default=1)
@@ -111,7 +112,7 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default="inductor,liger_fx,hf_hook,hf_hook_logits")
     p.add_argument("--json", help="append the rows here (JSON lines)")
     args = p.parse_args(argv)
-    e2e._ensure_liger_backend()
+    ensure_liger_backend()
     rows = []
     for v in args.variants.split(","):
         r = measure(args.shape, v, args.batch, args.seq, args.steps)

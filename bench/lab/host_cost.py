@@ -1,6 +1,6 @@
-"""What calling a fused op costs on the host, through a compiled graph, as users call it (issue 18).
+"""What calling a fused op costs on the host, through a compiled graph, as users call it.
 
-    python -m bench.host_cost [--iters 400] [--json out.json]
+    python -m bench.lab.host_cost [--iters 400] [--json out.json]
 
 Each op's plain PyTorch form (as HF writes it) is compiled with `backend="liger"` (rewritten to our op) and with
 Inductor, at a tiny shape where the GPU work is a few microseconds, and one forward+backward is timed on the host
@@ -92,10 +92,10 @@ def measure(iters: int) -> list[dict]:
     import liger_fx  # noqa: F401  (registers the ops; `backend="liger"` resolves through the entry point)
     from torch._dynamo.utils import counters
 
-    from bench.e2e import _ensure_liger_backend
+    from bench.common import ensure_liger_backend
     from liger_fx.kernels._library import OPAQUE
 
-    _ensure_liger_backend()
+    ensure_liger_backend()
     rows = []
     for name, (fn, args, flag) in _cases("cuda").items():
         # linear+CE calls cuBLAS, so it is an opaque custom op under either registration of the other ops
@@ -113,7 +113,7 @@ def measure(iters: int) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.host_cost", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bench.lab.host_cost", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--iters", type=int, default=400)
     p.add_argument("--json", help="append the rows here (JSON lines)")
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
         rows = []
         for opaque in ("0", "1"):
             env = dict(os.environ, LIGER_FX_OPAQUE_OPS=opaque)
-            res = subprocess.run([sys.executable, "-m", "bench.host_cost", "--iters", str(args.iters)],
+            res = subprocess.run([sys.executable, "-m", "bench.lab.host_cost", "--iters", str(args.iters)],
                                  env=env, capture_output=True, text=True)
             lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
             rows += [json.loads(ln) for ln in lines]

@@ -1,7 +1,7 @@
-"""Where the fused linear + cross-entropy op spends its time, per chunk size (issue 5: "choose chunk sizes by
-measurement"). CUDA only.
+"""Where the fused linear + cross-entropy op spends its time, per chunk size, to choose the
+chunk size by measurement. CUDA only.
 
-    python -m bench.flce_breakdown [--chunks 1024,2048,3072,4096] [--out breakdown.json]
+    python -m bench.lab.flce_breakdown [--chunks 1024,2048,3072,4096] [--out breakdown.json]
 
 At N=16384, H=4096, V=128256 bf16 it times, for each chunk of C rows: the logits matmul, the CE row kernel, the dh
 matmul, the dW update (addmm into bf16 dW, and a plain mm for comparison), their sum times N/C, and the whole op;

@@ -1,7 +1,7 @@
 """Where DDP's gradient buckets cut a Llama-3.2-1B-shaped training graph, with and without rewriting first (CPU).
 
-    python -m bench.ddp_buckets                  # the real shape: bf16, 16 layers, DDP's 25 MiB buckets (~2 min, 6 GiB)
-    python -m bench.ddp_buckets --scale 16       # widths / 16, bucket / 256 (x2 in fp32): tests/test_distributed.py's
+    python -m bench.lab.ddp_buckets                  # the real shape: bf16, 16 layers, DDP's 25 MiB buckets (~2 min, 6 GiB)
+    python -m bench.lab.ddp_buckets --scale 16       # widths / 16, bucket / 256 (x2 in fp32): tests/test_distributed.py's
 
 Compiles one training forward (`model(input_ids, labels=..., use_cache=False)`, logits returned as with a plain
 `torch.compile`; `--loss-only` returns the loss alone, as `liger_fx.apply` does) with a backend that splits as each
