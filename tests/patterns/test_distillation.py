@@ -5,7 +5,6 @@ whose intermediates escape is left alone with a near miss that names why."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
@@ -15,6 +14,7 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 import liger_fx
+from tests.helpers import capture_aot_graphs
 from tests.tolerance import assert_close_rule, assert_max_error_rule
 
 FLAG = "fused_linear_distillation"
@@ -24,58 +24,6 @@ B, L, HS, HT, V = 2, 20, 16, 24, 97  # N x V = 3880 elements; the largest other 
 
 def _records(kind="replaced"):
     return [x for rec in liger_fx.get_records() for x in getattr(rec, kind) if x.flag == FLAG]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# AOTAutograd's forward and backward graphs of a liger compile. (A like helper may exist on another branch, in
-# tests/helpers.py; this one is local to keep the branches apart.)
-
-
-@contextlib.contextmanager
-def aot_graphs():
-    """Collect (kind, GraphModule) of every forward and backward graph AOTAutograd hands to Inductor inside the
-    block. The autograd cache is off (a hit skips the inner compiler)."""
-    import liger_fx.backend
-    from torch._inductor.compile_fx import compile_fx_inner
-
-    graphs = []
-    real = liger_fx.backend.compile_fx
-
-    def inner(gm, example_inputs, **kwargs):
-        graphs.append(("backward" if kwargs.get("is_backward") else "forward", gm))
-        return compile_fx_inner(gm, example_inputs, **kwargs)
-
-    liger_fx.backend.compile_fx = lambda gm, ex, **kw: real(gm, ex, inner_compile=inner, **kw)
-    try:
-        with torch._functorch.config.patch(enable_autograd_cache=False):
-            yield graphs
-    finally:
-        liger_fx.backend.compile_fx = real
-
-
-def _largest(graphs, vocab) -> tuple[int, str]:
-    """The largest tensor with a vocabulary-sized dim in any graph (symbolic sizes at their hint)."""
-    best = (0, "")
-    for kind, gm in graphs:
-        for node in gm.graph.nodes:
-            vals = node.meta.get("val")
-            for v in vals if isinstance(vals, (list, tuple)) else (vals,):
-                if isinstance(v, torch.Tensor) and vocab in [int(d.node.hint) if isinstance(d, torch.SymInt) else d
-                                                             for d in v.shape]:
-                    n = v.numel()
-                    n = int(n.node.hint) if isinstance(n, torch.SymInt) else int(n)
-                    if n > best[0]:
-                        best = (n, f"{kind} {node.name} ({node.target}) {tuple(v.shape)}")
-    return best
-
-
-def assert_no_logits(graphs, rows, vocab):
-    """No tensor of N x V or more elements with a V-sized dim (logits, probabilities, their gradients, any
-    transpose) in any captured forward or backward graph. The dim filter keeps a tiny model's own weights and
-    attention scores, which may exceed a tiny N x V, out of the check."""
-    assert {k for k, _ in graphs} >= {"forward"}, "no graph captured"
-    n, where = _largest(graphs, vocab)
-    assert n < rows * vocab, f"a tensor of {n} >= N x V = {rows * vocab} elements is in a compiled graph: {where}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -210,13 +158,13 @@ def test_spelling_fused_and_equal_to_eager(case, dtype):
     loss_fn, pattern = SPELLINGS[case]
     heads = Heads(dtype)
     data = _data(dtype)
-    with aot_graphs() as graphs:
+    with capture_aot_graphs() as graphs:
         ours = _run(torch.compile(_step(heads, loss_fn), backend="liger"), heads, *data)
     assert counters["liger_fx"][FLAG] == 1, liger_fx.get_records()[-1].summary()
     assert [r.pattern for r in _records()] == [f"{FLAG}/{pattern}"]
     assert not _records("misses")
     _check(case, dtype, ours, *_eager_refs(loss_fn, dtype, data))
-    assert_no_logits(graphs, B * L, V)
+    graphs.assert_none_of(B * L * V, dim=V)
     assert heads.teacher.weight.grad is None  # computed under no_grad: no gradient, as eager
 
 
@@ -227,14 +175,14 @@ def test_dynamic_lengths_one_recompile(case):
     loss_fn, pattern = SPELLINGS[case]
     heads = Heads(torch.float32)
     fn = torch.compile(_step(heads, loss_fn), backend="liger")
-    with aot_graphs() as graphs:
+    with capture_aot_graphs() as graphs:
         for length in (20, 13, 29):
             data = _data(torch.float32, length, seed=length)
             ours = _run(fn, heads, *data)
             _check(f"{case} T={length}", torch.float32, ours, *_eager_refs(loss_fn, torch.float32, data))
     assert counters["liger_fx"][FLAG] == 2 and len(liger_fx.get_records()) == 2
     assert all(r.pattern == f"{FLAG}/{pattern}" for r in _records())
-    assert_no_logits(graphs, B * 13, V)  # the symbolic graphs at their hint (13): still no N x V
+    graphs.assert_none_of(B * 13 * V, dim=V)  # the symbolic graphs at their hint (13): still no N x V
 
 
 @pytest.mark.parametrize("case", ["kl-probs-batchmean-flat", "jsd-mixture-batchmean"])
@@ -277,13 +225,13 @@ def test_hard_label_loss_beside_the_divergence_fuses_both():
         return 0.3 * F.cross_entropy(s.view(-1, V), labels.view(-1)) + 0.7 * kd * T**2
 
     ref = _run(step, heads, h_s, h_t, None)
-    with aot_graphs() as graphs:
+    with capture_aot_graphs() as graphs:
         ours = _run(torch.compile(step, backend="liger"), heads, h_s, h_t, None)
     assert counters["liger_fx"][FLAG] == 1 and counters["liger_fx"]["fused_linear_cross_entropy"] == 1
     torch.testing.assert_close(ours[0], ref[0], atol=1e-6, rtol=1e-5)
     for k in ref[1]:
         torch.testing.assert_close(ours[1][k], ref[1][k], atol=1e-6, rtol=1e-5)
-    assert_no_logits(graphs, B * L, V)
+    graphs.assert_none_of(B * L * V, dim=V)
 
 
 def test_inference_under_no_grad():
