@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from .cross_entropy import _block_v, _num_warps, _tanh, _transform, transform_ref
-from .fused_linear_cross_entropy import _autocast, _chunk_grads, chunk_rows
+from .fused_linear_cross_entropy import _autocast, _chunk_grads, _logits_into, chunk_rows
 
 NO_IGNORE = -(2**31)
 """ignore_index for spellings without one (a gather of log-probs): no int64 token id equals it, so no row is
@@ -176,15 +176,6 @@ def _fused_linear_logprobs_bwd_kernel(
 
 def _empty(h):
     return h.new_empty(0, dtype=torch.float32)
-
-
-def _logits_into(buf, h_c, weight, bias):
-    logits = buf[: h_c.shape[0]]
-    if bias is not None:
-        torch.addmm(bias, h_c, weight.t(), out=logits)
-    else:
-        torch.mm(h_c, weight.t(), out=logits)
-    return logits
 
 
 def fused_linear_logprobs_fwd(h, weight, bias, target, ignore_index: int = -100, softcap: float = 0.0,
