@@ -473,6 +473,31 @@ def same_sizes(a, b) -> bool:
     return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b))
 
 
+def equal_sizes(a, b) -> bool:
+    """Sizes equal, guarding where they are symbolic and equal now: two inputs that must agree row for row (a mask
+    and the hidden states, the ids and the hidden states) get separate symbols for their lengths from Dynamo (s0 - 1
+    against s1 - 1 after a shift). A call where they differ recompiles, and there the sizes are unequal."""
+    from torch.fx.experimental.symbolic_shapes import guard_bool
+
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        eq = x == y
+        if not (eq if isinstance(eq, bool) else guard_bool(eq)):
+            return False
+    return True
+
+
+def grad_regions(graph: fx.Graph) -> dict:
+    """node -> the grad mode set by the last `_set_grad_enabled` before it (None: the caller's)."""
+    mode, out = None, {}
+    for n in graph.nodes:
+        if n.op == "call_function" and n.target is torch._C._set_grad_enabled:
+            mode = bool(n.args[0])
+        out[n] = mode
+    return out
+
+
 def normalize_pair_views(graph: fx.Graph) -> None:
     """The even/odd pairs of interleaved RoPE in one spelling each: a view, reshape or unflatten that splits the last
     dim into (n, 2) becomes `unflatten(x, -1, [-1, 2])`, one that merges a trailing pair back becomes

@@ -160,18 +160,25 @@ def _cast_like(x: LazyLogits, value: torch.Tensor, form: _Form) -> torch.Tensor:
 # Lazy values: log_softmax, softmax, exp of a log_softmax, the products
 
 
-def _softmax_args(func, args, kwargs):
-    """(input, dim, dtype) of F/torch/Tensor log_softmax and softmax, or None."""
-    names = ("input", "dim", "dtype")
-    if func in (F.log_softmax, F.softmax):
-        names = ("input", "dim", "_stacklevel", "dtype")
-    if len(args) > len(names) or set(kwargs) - set(names):
+def _bind(names, args, kwargs, keyword_only=()) -> Optional[dict]:
+    """A call's arguments by name (the positional ones in `names`' order), or None where they do not bind as torch
+    would take them: too many, a keyword that is neither in `names` nor in `keyword_only`, one given twice."""
+    if len(args) > len(names) or set(kwargs) - set(names) - set(keyword_only):
         return None
     a = dict(zip(names, args))
     if set(a) & set(kwargs):
         return None
     a.update(kwargs)
-    return a.get("input"), a.get("dim"), a.get("dtype")
+    return a
+
+
+def _softmax_args(func, args, kwargs):
+    """(input, dim, dtype) of F/torch/Tensor log_softmax and softmax, or None."""
+    names = ("input", "dim", "dtype")
+    if func in (F.log_softmax, F.softmax):
+        names = ("input", "dim", "_stacklevel", "dtype")
+    a = _bind(names, args, kwargs)
+    return None if a is None else (a.get("input"), a.get("dim"), a.get("dtype"))
 
 
 def _softmaxes(kind):
@@ -259,12 +266,9 @@ def _gather(func, *args, **kwargs):
         names = ("input", "indices", "dim")
     else:
         names = ("input", "dim", "index", "sparse_grad")
-    if len(args) > len(names) or set(kwargs) - set(names):
+    a = _bind(names, args, kwargs)
+    if a is None:
         return NotImplemented
-    a = dict(zip(names, args))
-    if set(a) & set(kwargs):
-        return NotImplemented
-    a.update(kwargs)
     x, index = a.get("input"), a.get("index", a.get("indices"))
     if not isinstance(x, LazyLogits) or a.get("sparse_grad", False) or not _last(a.get("dim"), x.dim()):
         return NotImplemented
@@ -301,14 +305,8 @@ for _f in (torch.gather, torch.Tensor.gather, torch.take_along_dim, torch.Tensor
 
 def _reduce_args(args, kwargs):
     """(input, dim, keepdim, dtype) of a reduction over a dim (logsumexp, sum, mean), or None."""
-    names = ("input", "dim", "keepdim")
-    if len(args) > len(names) or set(kwargs) - set(names) - {"dtype"}:
-        return None
-    a = dict(zip(names, args))
-    if set(a) & set(kwargs):
-        return None
-    a.update(kwargs)
-    return a.get("input"), a.get("dim"), bool(a.get("keepdim", False)), a.get("dtype")
+    a = _bind(("input", "dim", "keepdim"), args, kwargs, keyword_only=("dtype",))
+    return None if a is None else (a.get("input"), a.get("dim"), bool(a.get("keepdim", False)), a.get("dtype"))
 
 
 def _logsumexp(func, *args, **kwargs):
@@ -424,12 +422,9 @@ _NLL_NAMES = ("input", "target", "weight", "size_average", "ignore_index", "redu
 @register_consumer(F.nll_loss)
 def _nll_loss(func, *args, **kwargs):
     """`F.nll_loss(log_softmax(logits (N, V), -1), target (N,))`, any reduction: -(z_t - lse), ignored rows out."""
-    if len(args) > len(_NLL_NAMES) or set(kwargs) - set(_NLL_NAMES):
+    a = _bind(_NLL_NAMES, args, kwargs)
+    if a is None:
         return NotImplemented
-    a = dict(zip(_NLL_NAMES, args))
-    if set(a) & set(kwargs):
-        return NotImplemented
-    a.update(kwargs)
     x, target, reduction = a.get("input"), a.get("target"), a.get("reduction", "mean")
     ignore_index = a.get("ignore_index", -100)
     if not isinstance(x, LazyLogits) or a.get("weight") is not None or a.get("size_average") is not None or \

@@ -26,6 +26,7 @@ import operator
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import guard_bool, statically_known_true
 from torch.utils.checkpoint import CheckpointPolicy
 
 from .canonicalize import fake_value, mark_in_code, val as _val, where
@@ -46,7 +47,11 @@ def _operands(node: fx.Node):
 
 
 def _key(node: fx.Node):
-    """What siblings must share to be one matmul, or None if this linear cannot take part."""
+    """What siblings must share to be one matmul, or None if this linear cannot take part. Their in_features need
+    not be in it: every sibling reads one x, so each has x's last dim (under dynamic shapes a symbolic size, which
+    is not hashable: a width-1 head beside a symbolic hidden size made this raise, and the graph fall back). A
+    symbolic width (a weight passed as a graph input under dynamic=True) cannot take part: the split needs fixed
+    widths, and which member is narrow would change with the sizes."""
     ops = _operands(node)
     if ops is None:
         return None
@@ -56,7 +61,19 @@ def _key(node: fx.Node):
         return None
     if b is not None and (not isinstance(bv, torch.Tensor) or bv.dim() != 1 or bv.requires_grad != wv.requires_grad):
         return None
-    return wv.dtype, wv.device, wv.shape[1], wv.requires_grad, b is None
+    return wv.dtype, wv.device, wv.requires_grad, b is None
+
+
+def _has_narrow(widths: list[int], in_features) -> bool:
+    """Whether a member has fewer outputs than inputs. A symbolic in_features (a hidden size marked dynamic) decides
+    on its value now with a guard, so only a call where the answer differs recompiles (a size no larger than the
+    narrowest width); one with no value at compile time (unbacked) declines."""
+    narrow = min(widths) < in_features
+    if statically_known_true(narrow):
+        return True
+    if isinstance(narrow, bool) or not narrow.node.has_hint():
+        return False
+    return guard_bool(narrow)
 
 
 def _add(graph: fx.Graph, target, args: tuple, meta: dict) -> fx.Node:
@@ -84,9 +101,9 @@ def fuse_sibling_linears(graph: fx.Graph) -> list[str]:
             key = _key(user) if user.args[0] is x else None
             if key is not None:
                 groups.setdefault(key, []).append(user)
-        for (_, _, in_features, _, no_bias), linears in groups.items():
+        for (_, _, _, no_bias), linears in groups.items():
             widths = [_val(_operands(n)[0]).shape[0] for n in linears]
-            if len(linears) < 2 or min(widths) >= in_features:
+            if len(linears) < 2 or not _has_narrow(widths, _val(x).shape[-1]):
                 continue
             linears.sort(key=order.__getitem__)
             first = linears[0]

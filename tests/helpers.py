@@ -73,23 +73,26 @@ class AotGraphs:
     def __init__(self):
         self.graphs: list = []  # (kind, GraphModule), kind "forward" or "backward"
 
-    def largest(self) -> tuple[int, str]:
-        """(elements, where) of the largest tensor any node of any graph holds (symbolic sizes at their hint)."""
+    def largest(self, dim: int | None = None) -> tuple[int, str]:
+        """(elements, where) of the largest tensor any node of any graph holds (symbolic sizes at their hint); with
+        `dim`, of the largest that has a dim of that size."""
         best = (0, "")
         for kind, gm in self.graphs:
             for node in gm.graph.nodes:
                 vals = node.meta.get("val")
                 for v in vals if isinstance(vals, (list, tuple)) else (vals,):
-                    if isinstance(v, torch.Tensor):
+                    if isinstance(v, torch.Tensor) and (dim is None or dim in [_hint(d) for d in v.shape]):
                         n = _hint(v.numel())
                         if n > best[0]:
                             best = (n, f"{kind} {node.name} {node.target} {tuple(v.shape)}")
         return best
 
-    def assert_none_of(self, numel: int) -> None:
-        """No tensor of `numel` (e.g. N x V logits) or more elements in any captured forward or backward graph."""
+    def assert_none_of(self, numel: int, dim: int | None = None) -> None:
+        """No tensor of `numel` (e.g. N x V logits) or more elements in any captured forward or backward graph; with
+        `dim` (e.g. V), only tensors with a dim of that size count: logits, probabilities, their gradients, any
+        transpose, but not a tiny model's own weights and attention scores, which may exceed a tiny N x V."""
         assert {k for k, _ in self.graphs} >= {"forward"}, "no graph captured"
-        n, where = self.largest()
+        n, where = self.largest(dim)
         assert n < numel, f"a tensor of {n} >= {numel} elements exists: {where}"
 
 

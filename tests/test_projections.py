@@ -121,3 +121,50 @@ lengths is tests/patterns/test_dynamic.py's and test_grouped_sdpa.py's check.)""
     records = rewrite.get_records()
     assert records and all(r.fallback is None for r in records), [r.summary() for r in records]
     assert all(len(r.fused_projections) == model.config.num_hidden_layers for r in records)
+
+
+def _heads(x, *weights):
+    """Sibling linears of one input whose weights are graph inputs (functional code, torch.func.functional_call)."""
+    return [F.linear(x, w) for w in weights]
+
+
+def _equal_to_eager(fn, x, weights, dynamic_hidden=False):
+    leaves = [t.detach().clone().requires_grad_() for t in (x, *weights)]
+    ref = _heads(*leaves)
+    sum(o.square().mean() for o in ref).backward()
+    ours_leaves = [t.detach().clone().requires_grad_() for t in (x, *weights)]
+    if dynamic_hidden:
+        for t in ours_leaves:
+            torch._dynamo.mark_dynamic(t, t.dim() - 1)
+    ours = fn(*ours_leaves)
+    sum(o.square().mean() for o in ours).backward()
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    for a, b in zip(ours_leaves, leaves):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_symbolic_in_features_beside_fixed_widths():
+    """dynamic=True with the weights as graph inputs: their widths and the hidden size are symbolic, except a width of
+    1, which Dynamo specializes (a value or reward head). The two 1-wide heads are narrower than any hidden size
+    (Dynamo's symbolic sizes are >= 2) and fuse; the wide one, of symbolic width, stays alone. Before, the symbolic
+    in_features in the group's key raised (unhashable SymInt) and the whole graph fell back to plain Inductor."""
+    torch.manual_seed(0)
+    x, weights = torch.randn(2, 16, 32), [torch.randn(1, 32), torch.randn(1, 32), torch.randn(24, 32)]
+    _equal_to_eager(torch.compile(_heads, backend="liger", dynamic=True), x, weights)
+    [record] = rewrite.get_records()
+    assert record.fallback is None, record.summary()
+    assert len(record.fused_projections) == 1 and replaced("fused_projections") == 1
+
+
+def test_dynamic_hidden_size_guards_the_narrow_choice():
+    """q/k/v of fixed widths (16, 8, 8) on a hidden size marked dynamic: fused with a guard that the hidden size
+    exceeds the narrowest width. Hidden 32 and 48 run one compiled graph; hidden 4 (every member wider than its
+    input) recompiles, unfused. Every call equals eager."""
+    torch.manual_seed(0)
+    fn = torch.compile(_heads, backend="liger")
+    for h in (32, 48, 4):
+        _equal_to_eager(fn, torch.randn(2, 16, h), [torch.randn(n, h) for n in (16, 8, 8)], dynamic_hidden=True)
+    records = rewrite.get_records()
+    assert all(r.fallback is None for r in records), [r.summary() for r in records]
+    assert [len(r.fused_projections) for r in records] == [1, 0], [r.summary() for r in records]

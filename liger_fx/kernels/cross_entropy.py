@@ -59,6 +59,19 @@ def _transform(b_x, softcap, scale, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def _transform_and_grad(b_x, softcap, scale, HAS_SOFTCAP: tl.constexpr):
+    """Logits (fp32) -> (z, dz/dx)."""
+    if HAS_SOFTCAP:
+        b_t = _tanh(b_x / softcap)
+        b_z = scale * softcap * b_t
+        b_dz = scale * (1.0 - b_t * b_t)
+    else:
+        b_z = scale * b_x
+        b_dz = scale
+    return b_z, b_dz
+
+
+@triton.jit
 def _write_grad(X, DX, ADD, t, lse, grad_scale, V, softcap, scale, HAS_SOFTCAP: tl.constexpr, HAS_ADD: tl.constexpr,
                 BLOCK_V: tl.constexpr):
     """dx = (softmax(z) - onehot(t)) * grad_scale * dz/dx [+ add] over one row, rounded once to dx's dtype."""
@@ -66,13 +79,7 @@ def _write_grad(X, DX, ADD, t, lse, grad_scale, V, softcap, scale, HAS_SOFTCAP: 
         cols = start + tl.arange(0, BLOCK_V)
         mask = cols < V
         b_x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_SOFTCAP:
-            b_t = _tanh(b_x / softcap)
-            b_z = scale * softcap * b_t
-            b_dz = scale * (1.0 - b_t * b_t)
-        else:
-            b_z = scale * b_x
-            b_dz = scale
+        b_z, b_dz = _transform_and_grad(b_x, softcap, scale, HAS_SOFTCAP)
         b_p = tl.exp(b_z - lse)
         b_g = (tl.where(cols == t, b_p - 1.0, b_p) * grad_scale) * b_dz
         if HAS_ADD:

@@ -93,19 +93,25 @@ def fused_linear_cross_entropy_fwd(
 def _chunks(h, weight, bias, target, losses, lse, dh, dw, db, grad_scale, buf, C, ignore_index, softcap, logit_scale,
             grad_input, grad_weight, want_db, block_v):
     N = h.shape[0]
-    wt = weight.t()
     for i, start in enumerate(range(0, N, C)):
         end = min(start + C, N)
-        h_c, logits = h[start:end], buf[: end - start]
-        if bias is not None:
-            torch.addmm(bias, h_c, wt, out=logits)
-        else:
-            torch.mm(h_c, wt, out=logits)
+        h_c = h[start:end]
+        logits = _logits_into(buf, h_c, weight, bias)
         dlogits = logits if grad_scale is not None else None
         ce_rows(logits, target[start:end], losses[start:end], lse[start:end], ignore_index, softcap, logit_scale,
                 dx=dlogits, grad_scale=grad_scale, block_v=block_v)
         _chunk_grads(i, dlogits, h_c, weight, dh[start:end] if grad_input else None, dw if grad_weight else None,
                      db if want_db else None)
+
+
+def _logits_into(buf, h_c, weight, bias):
+    """One chunk's logits h_c @ W^T (+ b), written into the first rows of the chunk buffer."""
+    logits = buf[: h_c.shape[0]]
+    if bias is not None:
+        torch.addmm(bias, h_c, weight.t(), out=logits)
+    else:
+        torch.mm(h_c, weight.t(), out=logits)
+    return logits
 
 
 def _chunk_grads(i, dlogits, h_c, weight, dh_c, dw, db) -> None:

@@ -58,7 +58,7 @@ import triton
 import triton.language as tl
 
 from .cross_entropy import _num_warps
-from .fused_linear_cross_entropy import CHUNK_BYTES, _autocast, _chunk_grads
+from .fused_linear_cross_entropy import CHUNK_BYTES, _autocast, _chunk_grads, _logits_into
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 REDUCTIONS = ("sum", "mean", "batchmean", "none")
@@ -272,15 +272,6 @@ def reduction_scale(reduction: str, N: int, V: int) -> float:
     return 1.0 / count if count else float("nan")
 
 
-def _logits_into(buf, h_c, weight, bias):
-    out = buf[: h_c.shape[0]]
-    if bias is not None:
-        torch.addmm(bias, h_c, weight.t(), out=out)
-    else:
-        torch.mm(h_c, weight.t(), out=out)
-    return out
-
-
 class _Grads:
     """The gradient buffers of one side (student or teacher): dh, dW, db, each an empty (0,) tensor when not wanted."""
 
@@ -319,6 +310,23 @@ def _buffers(h_s, w_s, h_t, w_t, chunk):
                                                                                  device=h_s.device)
 
 
+def _chunk_logits(h_s, w_s, b_s, h_t, w_t, b_t, gs: _Grads, gt: _Grads, chunk):
+    """Each chunk's (start, end, student logits, teacher logits) in two buffers reused across chunks. The caller's
+    kernel overwrites the logits with their gradients where a side's are wanted; when the loop asks for the next
+    chunk, those become each wanted side's share of its linear's gradients."""
+    N = h_s.shape[0]
+    C, buf_s, buf_t = _buffers(h_s, w_s, h_t, w_t, chunk)
+    for i, start in enumerate(range(0, N, C)):
+        end = min(start + C, N)
+        s = _logits_into(buf_s, h_s[start:end], w_s, b_s)
+        t = _logits_into(buf_t, h_t[start:end], w_t, b_t)
+        yield start, end, s, t
+        if gs.any:
+            gs.add_chunk(i, s, h_s[start:end], w_s, start, end)
+        if gt.any:
+            gt.add_chunk(i, t, h_t[start:end], w_t, start, end)
+
+
 def fused_linear_divergence_fwd(
     h_s, w_s, b_s, h_t, w_t, b_t, row_weight, divergence: str = "forward_kl", beta: float = 0.5,
     scale_s: float = 1.0, scale_t: float = 1.0, reduction: str = "batchmean", grad_hs: bool = True,
@@ -340,12 +348,8 @@ def fused_linear_divergence_fwd(
     w = row_weight.contiguous() if row_weight is not None else torch.ones(1, dtype=torch.float32, device=h_s.device)
     log_b, log_1mb = _logs(beta)
     if N > 0:
-        C, buf_s, buf_t = _buffers(h_s, w_s, h_t, w_t, chunk)
         bv = block_v or min(BLOCK_V, triton.next_power_of_2(V))
-        for i, start in enumerate(range(0, N, C)):
-            end = min(start + C, N)
-            s = _logits_into(buf_s, h_s[start:end], w_s, b_s)
-            t = _logits_into(buf_t, h_t[start:end], w_t, b_t)
+        for start, end, s, t in _chunk_logits(h_s, w_s, b_s, h_t, w_t, b_t, gs, gt, chunk):
             _fused_linear_divergence_fwd_kernel[(end - start,)](
                 s, t, w[start:end] if row_weight is not None else w, losses[start:end],
                 stats[start:end] if store_stats else losses, s.stride(0), t.stride(0),
@@ -354,10 +358,6 @@ def fused_linear_divergence_fwd(
                 STORE_STATS=store_stats,
                 BLOCK_V=bv, num_warps=_num_warps(bv),
             )
-            if gs.any:
-                gs.add_chunk(i, s, h_s[start:end], w_s, start, end)
-            if gt.any:
-                gt.add_chunk(i, t, h_t[start:end], w_t, start, end)
     weighted = losses * row_weight.float() if row_weight is not None else losses
     loss = weighted.sum() * red
     return (loss, losses, stats, *gs.result(b_s, h_s), *gt.result(b_t, h_t))
@@ -377,21 +377,13 @@ def fused_linear_divergence_rows_bwd(
     g = g.float().contiguous()
     log_b, log_1mb = _logs(beta)
     if N > 0 and (gs.any or gt.any):
-        C, buf_s, buf_t = _buffers(h_s, w_s, h_t, w_t, chunk)
         bv = block_v or min(BLOCK_V, triton.next_power_of_2(V))
-        for i, start in enumerate(range(0, N, C)):
-            end = min(start + C, N)
-            s = _logits_into(buf_s, h_s[start:end], w_s, b_s)
-            t = _logits_into(buf_t, h_t[start:end], w_t, b_t)
+        for start, end, s, t in _chunk_logits(h_s, w_s, b_s, h_t, w_t, b_t, gs, gt, chunk):
             _fused_linear_divergence_bwd_kernel[(end - start,)](
                 s, t, g[start:end], stats[start:end], s.stride(0), t.stride(0), V, float(scale_s), float(scale_t),
                 float(beta), log_b, log_1mb, DIV=_div_id(divergence), WRITE_DS=gs.any, WRITE_DT=gt.any,
                 BLOCK_V=bv, num_warps=_num_warps(bv),
             )
-            if gs.any:
-                gs.add_chunk(i, s, h_s[start:end], w_s, start, end)
-            if gt.any:
-                gt.add_chunk(i, t, h_t[start:end], w_t, start, end)
     return (*gs.result(b_s, h_s), *gt.result(b_t, h_t))
 
 

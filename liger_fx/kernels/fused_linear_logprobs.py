@@ -38,8 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .cross_entropy import _block_v, _num_warps, _tanh, _transform, transform_ref
-from .fused_linear_cross_entropy import _autocast, _chunk_grads, chunk_rows
+from .cross_entropy import _block_v, _num_warps, _transform, _transform_and_grad, transform_ref
+from .fused_linear_cross_entropy import _autocast, _chunk_grads, _logits_into, chunk_rows
 
 NO_IGNORE = -(2**31)
 """ignore_index for spellings without one (a gather of log-probs): no int64 token id equals it, so no row is
@@ -149,13 +149,7 @@ def _fused_linear_logprobs_bwd_kernel(
             cols = start + tl.arange(0, BLOCK_V)
             mask = cols < V
             b_x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
-            if HAS_SOFTCAP:
-                b_th = _tanh(b_x / softcap)
-                b_z = scale * softcap * b_th
-                b_dz = scale * (1.0 - b_th * b_th)
-            else:
-                b_z = scale * b_x
-                b_dz = scale
+            b_z, b_dz = _transform_and_grad(b_x, softcap, scale, HAS_SOFTCAP)
             b_p = tl.exp(b_z - lse)
             if HAS_G_ENT:
                 b_g = b_p * (g_lse + g_ent * (s - b_z))
@@ -176,15 +170,6 @@ def _fused_linear_logprobs_bwd_kernel(
 
 def _empty(h):
     return h.new_empty(0, dtype=torch.float32)
-
-
-def _logits_into(buf, h_c, weight, bias):
-    logits = buf[: h_c.shape[0]]
-    if bias is not None:
-        torch.addmm(bias, h_c, weight.t(), out=logits)
-    else:
-        torch.mm(h_c, weight.t(), out=logits)
-    return logits
 
 
 def fused_linear_logprobs_fwd(h, weight, bias, target, ignore_index: int = -100, softcap: float = 0.0,

@@ -45,15 +45,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import operator
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 from torch._inductor.pattern_matcher import stable_topological_sort
-from torch.fx.experimental.symbolic_shapes import guard_bool
 
-from liger_fx.canonicalize import same_sizes, val as _val, where
+from liger_fx.canonicalize import equal_sizes, grad_regions, same_sizes, val as _val, where
 from liger_fx.patterns.linear_cross_entropy import _autocast_regions, _insert, _is, _region_reason
 from liger_fx.rewrite import Pattern, record_replacement, requires_grad, scalar_hint, specialize
 
@@ -571,16 +569,6 @@ class _Plan:
     keepdim: bool = False
 
 
-def _grad_regions(graph: fx.Graph) -> dict:
-    """node -> the grad mode set by the last `_set_grad_enabled` before it (None: the caller's)."""
-    mode, out = None, {}
-    for n in graph.nodes:
-        if n.op == "call_function" and n.target is torch._C._set_grad_enabled:
-            mode = bool(n.args[0])
-        out[n] = mode
-    return out
-
-
 def _learns(side: Side, regions: dict) -> bool:
     return not side.detached and regions.get(side.linear) is not False and requires_grad(side.linear)
 
@@ -642,7 +630,7 @@ def _rows_extension(eval_: _Eval, root: fx.Node):
         s = next(iter(u.users))
         mv = _val(m)
         if (isinstance(m, fx.Node) and isinstance(mv, torch.Tensor) and not requires_grad(m)
-                and _equal_sizes(mv.shape, rows_shape) and _whole(s, rows_shape)
+                and equal_sizes(mv.shape, rows_shape) and _whole(s, rows_shape)
                 and s.target in (aten.sum.default, aten.sum.dim_IntList)):
             return s, "sum", m, {u, s}
     return root, "none", None, set()
@@ -658,18 +646,6 @@ def _whole(node, shape) -> bool:
         keep = _kwarg(node, 2, "keepdim", False)
         return not keep and (dims is None or sorted(d % rank for d in dims) == list(range(rank)))
     return False
-
-
-def _equal_sizes(a, b) -> bool:
-    """Equal sizes, guarding where they are symbolic and equal now (a mask and the hidden states are separate
-    inputs: Dynamo gives their lengths separate symbols)."""
-    if len(a) != len(b):
-        return False
-    for x, y in zip(a, b):
-        eq = x == y
-        if not (eq if isinstance(eq, bool) else guard_bool(eq)):
-            return False
-    return True
 
 
 def _side_reason(side: Side, V) -> str | None:
@@ -731,7 +707,7 @@ def _analyze(graph: fx.Graph):
     """(eval, [(root, plan or reason)]) with the escape check done over all sites together: two divergences may
     share a log-softmax (KL(t||s) + KL(s||t))."""
     ev = _Eval(graph)
-    regions, autocast = _grad_regions(graph), _autocast_regions(graph)
+    regions, autocast = grad_regions(graph), _autocast_regions(graph)
     roots = []
     for node, term in ev.terms.items():
         if term.kind != "kl" or term.red is None:
@@ -820,7 +796,7 @@ def rewrite(graph: fx.Graph, config) -> None:
     if not getattr(config, FLAG):
         return
     ev, plans = _analyze(graph)
-    regions = _grad_regions(graph)
+    regions = grad_regions(graph)
     for root, plan in plans.items():
         if not isinstance(plan, _Plan):
             continue
@@ -896,7 +872,7 @@ def explain(node: fx.Node) -> str:
                 return f"the {what} is a graph output"
     t = ev.terms.get(node)
     if t is not None and t.kind == "kl":
-        cls = _classify(t, _grad_regions(graph))
+        cls = _classify(t, grad_regions(graph))
         if isinstance(cls, str):
             return cls
         if t.red is None:

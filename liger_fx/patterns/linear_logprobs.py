@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from liger_fx.canonicalize import same_sizes, val as _val
+from liger_fx.canonicalize import equal_sizes, grad_regions, same_sizes, val as _val
 from liger_fx.patterns._row_chunks import chunk_of, merge_row_chunks
 from liger_fx.patterns.linear_cross_entropy import (_VIEWS, _autocast_regions, _insert, _is, _region_reason,
                                                     erase_dead_chain, logits_source)
@@ -160,16 +160,6 @@ def _name(node: fx.Node) -> str:
     return str(node.target) if node.op == "call_function" else node.op
 
 
-def _grad_regions(graph: fx.Graph) -> dict:
-    """node -> the grad mode set by the last `_set_grad_enabled` before it (None: the caller's)."""
-    mode, out = None, {}
-    for n in graph.nodes:
-        if n.op == "call_function" and n.target is torch._C._set_grad_enabled:
-            mode = bool(n.args[0])
-        out[n] = mode
-    return out
-
-
 def _index_reason(uses: list) -> str | None:
     if len({u.idx for u in uses if u.idx is not None}) > 1:
         return "log-probs gathered at two different index tensors (the op gathers one per token)"
@@ -179,24 +169,9 @@ def _index_reason(uses: list) -> str | None:
         iv, xv = _val(use.idx), _val(use.node.args[0])  # the index and what it gathers from
         if iv is None or iv.dim() != xv.dim() or not same_sizes(iv.shape[-1:], (1,)):
             return "more than one gathered value per token (top-K); the op gathers one"
-        if not _equal_sizes(iv.shape[:-1], xv.shape[:-1]):
+        if not equal_sizes(iv.shape[:-1], xv.shape[:-1]):
             return "the index covers fewer tokens than the logits"
     return None
-
-
-def _equal_sizes(a, b) -> bool:
-    """Sizes equal, guarding where they are symbolic and equal now: the ids and the hidden states are separate inputs,
-    so Dynamo gives their sequence lengths separate symbols (s0 - 1 against s1 - 1 after the shift). A call where they
-    differ recompiles (gather reads rows by position, and so does the op; such a call would not fuse)."""
-    from torch.fx.experimental.symbolic_shapes import guard_bool
-
-    if len(a) != len(b):
-        return False
-    for x, y in zip(a, b):
-        eq = x == y
-        if not (eq if isinstance(eq, bool) else guard_bool(eq)):
-            return False
-    return True
 
 
 def _replace_group(graph: fx.Graph, site: _Site, found, uses: list, order: dict, grad) -> str:
@@ -337,7 +312,7 @@ def _fuse_site(graph: fx.Graph, x: fx.Node) -> str | None:
     reason = _index_reason(site.uses)
     if reason is not None:
         return reason
-    grads = _grad_regions(graph)
+    grads = grad_regions(graph)
     groups: dict = {}
     for use in site.uses:
         groups.setdefault(grads[use.node], []).append(use)
@@ -362,7 +337,7 @@ def _fuse_site(graph: fx.Graph, x: fx.Node) -> str | None:
 def candidates(graph: fx.Graph) -> list[tuple[str, fx.Node]]:
     """One anchor per lm_head site and grad region: the first log_softmax / logsumexp of logits that come from a
     linear (through row chunks of a loop too)."""
-    grads = _grad_regions(graph)
+    grads = grad_regions(graph)
     out, seen = [], set()
     for x, anchors in _sites(graph).items():
         for a in anchors:

@@ -19,6 +19,7 @@ from liger_fx.kernels.fused_linear_logprobs import (
     fused_linear_token_stats,
 )
 from tests.kernels.test_fused_linear_cross_entropy import _accumulation_slack, _chunked_logits, _propagate
+from tests.kernels.test_fused_linear_cross_entropy import _inputs as _lce_inputs
 from tests.tolerance import assert_close_rule, dlogits_rel_error, interpreter_slack, poison_, rounding_flips
 
 CUDA = torch.cuda.is_available()
@@ -51,13 +52,7 @@ def poisoned(monkeypatch):
 
 
 def _inputs(N, H, V, dtype, bias, seed, ignore_every=5):
-    g = torch.Generator(device=DEVICE).manual_seed(seed)
-    h = torch.randn(N, H, generator=g, device=DEVICE).to(dtype)
-    w = (torch.randn(V, H, generator=g, device=DEVICE) * (4 / H**0.5)).to(dtype)  # logits of std 4
-    b = torch.randn(V, generator=g, device=DEVICE).to(dtype) if bias else None
-    target = torch.randint(0, V, (N,), generator=g, device=DEVICE)
-    target[::ignore_every] = -100
-    return h, w, b, target
+    return _lce_inputs(N, H, V, dtype, bias, seed, ignore_every)
 
 
 def _upstream(N, which, seed):

@@ -512,13 +512,8 @@ def test_every_form_fuses_and_trains_like_eager(form, rotary_dim, dtype, graphs)
     assert_all_fused(graphs)
 
 
-@pytest.mark.parametrize("form", list(FORMS2))
-def test_every_form_fuses_at_a_dynamic_sequence_length(form):
-    """A second length recompiles once with a symbolic T; both graphs fuse both rotations, forward and x's grad equal
-    eager's."""
-    torch.manual_seed(0)
-    m = FormFront(form, rotary_dim=8)
-    fn = torch.compile(copy.deepcopy(m), backend="liger")
+def _equal_at_two_lengths(m, fn):
+    """Sequence lengths 5 and 9: the compiled front's forward and x's grad equal eager's."""
     for t in (5, 9):
         x = torch.randn(2, t, 32)
         xr, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -526,6 +521,16 @@ def test_every_form_fuses_at_a_dynamic_sequence_length(form):
         ref.backward(), out.backward()
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(xc.grad, xr.grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("form", list(FORMS2))
+def test_every_form_fuses_at_a_dynamic_sequence_length(form):
+    """A second length recompiles once with a symbolic T; both graphs fuse both rotations, forward and x's grad equal
+    eager's."""
+    torch.manual_seed(0)
+    m = FormFront(form, rotary_dim=8)
+    fn = torch.compile(copy.deepcopy(m), backend="liger")
+    _equal_at_two_lengths(m, fn)
     records = liger_fx.get_records()
     assert len(records) == 2, [r.summary() for r in records]
     assert all(r.counts().get("rope") == (2, 2) for r in records), [r.summary() for r in records]
@@ -538,13 +543,7 @@ def test_new_forms_fuse_under_dynamic_true(form):
     torch.manual_seed(0)
     m = FormFront(form, rotary_dim=8)
     fn = torch.compile(copy.deepcopy(m), backend="liger", dynamic=True)
-    for t in (5, 9):
-        x = torch.randn(2, t, 32)
-        xr, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
-        ref, out = m(xr), fn(xc)
-        ref.backward(), out.backward()
-        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(xc.grad, xr.grad, atol=1e-5, rtol=1e-4)
+    _equal_at_two_lengths(m, fn)
     (record,) = liger_fx.get_records()
     assert record.counts().get("rope") == (2, 2), record.summary()
 
