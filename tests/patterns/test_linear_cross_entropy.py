@@ -302,6 +302,76 @@ def test_logits_used_inside_the_graph_keep_their_gradient_path():
     assert liger_fx.get_records()[-1].logits_grad_outside == 0
 
 
+class _BreakBeforeHead(nn.Module):
+    """A vision-language model's shape in small: the graph breaks before the lm_head (LLaVA's and Qwen2-VL's image
+    merge), so the graph with the lm_head and the loss returns the logits to the model's own code."""
+
+    def __init__(self, V=50):
+        super().__init__()
+        self.body = nn.Linear(24, 32)
+        self.head = nn.Linear(32, V, bias=False)
+        self.V = V
+
+    def forward(self, x, labels, extra=False):
+        h = torch.tanh(self.body(x))
+        torch._dynamo.graph_break()
+        logits = self.head(h)
+        loss = F.cross_entropy(logits.view(-1, self.V).float(), labels.view(-1), ignore_index=-100)
+        if extra:  # the logits read by something besides the loss: not only returned
+            loss = loss + 1e-2 * logits.float().pow(2).mean()
+        return loss, logits
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_skip_logits_returns_a_placeholder_and_never_makes_the_logits(dynamic):
+    """Option `skip_logits` (liger_fx.apply's training steps): logits that the graph only returns are not computed;
+    the loss is the no-logits op and the caller gets a NaN tensor of their shape with stride 0 (no memory). Loss and
+    every gradient equal eager, at two sequence lengths."""
+    torch.manual_seed(0)
+    model = _BreakBeforeHead()
+    compiled = torch.compile(model, backend="liger", options={"skip_logits": True}, dynamic=dynamic)
+    for t in (7, 11):
+        x, labels = torch.randn(3, t, 24), torch.randint(0, 50, (3, t))
+        labels[:, :2] = -100
+        model.zero_grad(set_to_none=True)
+        ref_loss, ref_logits = model(x, labels)
+        ref_loss.backward()
+        ref = {k: p.grad.clone() for k, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+        loss, logits = compiled(x, labels)
+        loss.backward()
+        torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-4)
+        for k, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, ref[k], atol=1e-5, rtol=1e-4, msg=lambda m: f"{k}: {m}")
+        assert logits.shape == ref_logits.shape and logits.dtype == ref_logits.dtype
+        assert set(logits.stride()) == {0} and logits.isnan().all()
+    assert _patterns() and all(p.endswith("/logits-skipped") for p in _patterns())
+    assert "returned logits skipped" in liger_fx.get_records()[-1].summary()
+
+
+def test_skip_logits_leaves_logits_that_something_else_reads():
+    """A z-loss beside the cross-entropy reads the logits in the graph: under `skip_logits` they are still made (the
+    returned-logits op), and the returned ones are the real logits."""
+    torch.manual_seed(0)
+    model = _BreakBeforeHead()
+    x, labels = torch.randn(3, 7, 24), torch.randint(0, 50, (3, 7))
+    ref_loss, ref_logits = model(x, labels, extra=True)
+    loss, logits = torch.compile(model, backend="liger", options={"skip_logits": True})(x, labels, extra=True)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-4)
+    assert _patterns() == [FLCE + "/mean/logits-returned"]
+
+
+def test_without_skip_logits_returned_logits_are_real():
+    torch.manual_seed(0)
+    model = _BreakBeforeHead()
+    x, labels = torch.randn(3, 7, 24), torch.randint(0, 50, (3, 7))
+    ref_loss, ref_logits = model(x, labels)
+    loss, logits = torch.compile(model, backend="liger")(x, labels)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-4)
+    assert _patterns() == [FLCE + "/mean/logits-returned"]
+
+
 def test_eval_loss_with_logits():
     """model.eval() with labels (an evaluation loop): loss and logits equal eager, no backward."""
     model = mini_model("llama", num_hidden_layers=1).eval()
