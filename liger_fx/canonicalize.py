@@ -42,6 +42,7 @@ def to_aten(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
     ctx = fake_mode if fake_mode is not None else contextlib.nullcontext()
     with ctx, fx_traceback.preserve_node_meta():
         traced = make_fx(_Retrace(gm).run, pre_dispatch=True)(*args)
+    _no_fake_constants(traced)
     # The traced values drop requires_grad; keep it on the inputs, so a guard can tell a learned tensor from a buffer.
     # Also Dynamo's name of the input (e.g. "L['kwargs']['shift_labels']"): make_fx renames placeholders arg<i>_1.
     for node, value, orig in zip((n for n in traced.graph.nodes if n.op == "placeholder"), args, placeholders):
@@ -79,7 +80,41 @@ class _Retrace(fx.Interpreter):
             mode = _pre_dispatch_function_mode()
             if mode is not None:
                 return mode.__torch_function__(target, (), args, kwargs)
+        if target in _BELOW_DISPATCH:
+            mode = _pre_dispatch_function_mode()
+            if mode is not None:
+                return _record(mode.tracer, target, args, kwargs)
         return super().call_function(target, args, kwargs)
+
+
+# Functions that make a tensor without going through the dispatcher, so make_fx never sees the op and lifts the
+# result as a constant, a FakeTensor attribute standing for an input. `param.data` (Dynamo's `_get_data_attr`) is
+# one: Gemma-3n clamps `self.prediction_coefs.weight.data` in place every forward; retraced, the clamp mutated a
+# constant aliasing the parameter, and AOTAutograd refused the graph ("non-differentiable view input mutations ...
+# _tensor_constant1 and args[17] share storage"): it fell back. Recorded as a node, as in Dynamo's graph.
+_BELOW_DISPATCH = {torch._C._autograd._get_data_attr}
+
+
+def _record(tracer, target, args, kwargs):
+    """Run `target` and record it as one node of the trace, its result tracked (what make_fx's pre-dispatch mode
+    does for the functorch calls above)."""
+    from torch.fx.experimental.proxy_tensor import _fetch_proxies_and_all_constant_flag, track_tensor_tree
+
+    _, proxies, _ = _fetch_proxies_and_all_constant_flag(args, tracer)
+    out = tracer.create_proxy("call_function", target, proxies, kwargs)
+    result = target(*args, **kwargs)
+    track_tensor_tree(result, out, constant=None, tracer=tracer)
+    return result
+
+
+def _no_fake_constants(gm: fx.GraphModule) -> None:
+    """A FakeTensor constant in the retraced graph is a value the tracer lost track of (it stands for this one
+    call's inputs): raise, naming where the model made it, rather than compile it."""
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and isinstance(getattr(gm, node.target, None), FakeTensor):
+            made = (node.meta.get("stack_trace") or "").strip().splitlines()[-1:] or ["?"]
+            raise RuntimeError(f"the retrace lost track of a tensor (lifted as the constant {node.target}); made by "
+                               f"`{made[0].strip()}`")
 
 
 def _is_functorch_call(x) -> bool:

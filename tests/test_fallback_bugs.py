@@ -141,3 +141,70 @@ def test_gemma3_with_an_image_fuses_every_site():
                                    msg=lambda m: f"{name}: {m}")
     # 2 layers x (4 norms + q/k norms) + the final norm + the vision projector's soft-embedding norm
     _no_fallback_all_replaced({"rms_norm": 14, "rope": 4, "geglu": 2, "fused_linear_cross_entropy": 1})
+
+
+# --------------------------------------------------------------------------------------------------------------
+# `param.data` in the forward: Gemma-3n clamps `self.prediction_coefs.weight.data` in place at every step.
+
+
+class ClampsItsData(nn.Module):
+    def __init__(self, dim: int = 16):
+        super().__init__()
+        self.norm_weight = nn.Parameter(torch.rand(dim) + 0.5)
+        self.coefs = nn.Parameter(torch.linspace(-3, 3, dim * dim).view(dim, dim))
+
+    def forward(self, x):
+        self.coefs.data.clamp_(-2.0, 2.0)
+        h = x.float()
+        h = self.norm_weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6))
+        return h @ self.coefs
+
+
+def test_param_data_mutated_in_the_forward_is_traced_not_lifted():
+    """`.data` makes its tensor below the dispatcher: the retrace lifted it as a FakeTensor constant aliasing the
+    parameter, and AOTAutograd refused the graph ("non-differentiable view input mutations"). Now it is a node of
+    the graph: the norm fuses, the real parameter is clamped, and the step equals eager."""
+    torch.manual_seed(0)
+    model = ClampsItsData()
+    compiled = torch.compile(copy.deepcopy(model), backend="liger")
+    x = torch.randn(2, 5, 16)
+    ref = (model(x) * torch.linspace(-1, 1, 16)).sum()
+    ref.backward()
+    out = (compiled(x) * torch.linspace(-1, 1, 16)).sum()
+    out.backward()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    mine = compiled._orig_mod
+    torch.testing.assert_close(mine.coefs.detach(), model.coefs.detach())  # clamped in place, as eager
+    assert mine.coefs.abs().max().item() == 2.0
+    for (name, p), q in zip(model.named_parameters(), mine.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
+    _no_fallback_all_replaced({"rms_norm": 1})
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A norm without a weight, scaled by a Python float
+
+
+class ScaledWeightlessNorm(nn.Module):
+    def forward(self, x):
+        h = x.float()
+        y = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return (2.0 * y).to(x.dtype)
+
+
+def test_weightless_norm_times_a_float_is_not_a_fallback():
+    """The norm pattern's `w * y` bound w to the float 2.0 and its guard read `w.meta`: AttributeError ("'float'
+    object has no attribute 'meta'"), and the whole graph fell back to plain Inductor. Now the graph is rewritten:
+    the norm fuses, or it is a near miss that names the constant; either way the result equals eager."""
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    ref = ScaledWeightlessNorm()(x)
+    (ref * torch.linspace(-1, 1, 16)).sum().backward()
+    ref_dx, x.grad = x.grad, None
+    out = torch.compile(ScaledWeightlessNorm(), backend="liger")(x)
+    (out * torch.linspace(-1, 1, 16)).sum().backward()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(x.grad, ref_dx, atol=1e-5, rtol=1e-4)
+    (record,) = liger_fx.get_records()
+    assert record.fallback is None, record.summary()
+    assert [r.flag for r in record.replaced] == ["rms_norm"] or [
+        m.reason for m in record.misses if "constant 2.0" in m.reason]
