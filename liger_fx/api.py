@@ -13,10 +13,7 @@ What it does, and why:
   `_orig_mod.` prefixes as with `torch.compile(model)`).
 - Liger's `skip_logits` semantics: in training mode with `labels` (or `shift_labels`) the output carries no logits,
   so the compiled graph returns only the loss and the lm_head + cross-entropy rewrite never materializes the B*T*V
-  logits (Llama-3 vocabulary, B8 T2048: 4.2 GB in fp32 for the logits alone). Those calls run through a second
-  compiled `_run` with the backend's option `skip_logits`: where the model's code breaks the graph before the
-  lm_head (LLaVA and Qwen2-VL with images), the lm_head's graph still returns the logits to the model's forward,
-  and the option makes it return a placeholder that takes no memory instead of making them. `skip_logits=True` asks for the same in
+  logits (Llama-3 vocabulary, B8 T2048: 4.2 GB in fp32 for the logits alone). `skip_logits=True` asks for the same in
   evaluation (the Trainer passes it for loss-only evaluation); `skip_logits=False` keeps them in training.
 - In that same training step `use_cache` defaults to False where the model takes it: a KV cache is never read in a
   training step, and with gradient checkpointing on, transformers' "use_cache=True is incompatible" `warning_once`
@@ -61,9 +58,6 @@ class _Applied:
     flags: dict[str, bool]
     compile_kwargs: dict[str, Any]
     compiled: Callable
-    compiled_skip: Callable
-    """The same `_run` compiled with option `skip_logits`, for the calls that drop the logits: a separate backend,
-    so Dynamo's cache keeps its graphs (resume functions after a graph break included) apart from `compiled`'s."""
     original_forward: Callable | None
     """The instance-level `forward` that was there before (e.g. accelerate's device hooks), or None for the class's."""
 
@@ -94,9 +88,6 @@ def apply(model: torch.nn.Module, *, mode: str | None = None, dynamic: bool | No
     arguments it recompiles. `remove(model)` undoes it.
     """
     LigerConfig.from_options(flags)  # raises, naming the key
-    if "skip_logits" in flags:
-        raise ValueError("liger_fx: apply decides skip_logits per call (training with labels skips the logits); "
-                         "pass skip_logits=True or False to the model's forward instead")
     target = base_model(model)
     compile_kwargs = {"mode": mode, "dynamic": dynamic}
     state: _Applied | None = target.__dict__.get("_liger_fx")
@@ -108,8 +99,7 @@ def apply(model: torch.nn.Module, *, mode: str | None = None, dynamic: bool | No
     # torch.compile refuses mode= with options=; the backend reads a "mode" entry of its options instead.
     options = {**flags, **({"mode": mode} if mode not in (None, "default") else {})}
     compiled = torch.compile(_run, backend="liger", options=options or None, dynamic=dynamic)
-    compiled_skip = torch.compile(_run, backend="liger", options={**options, "skip_logits": True}, dynamic=dynamic)
-    target._liger_fx = _Applied(dict(flags), compile_kwargs, compiled, compiled_skip, original)
+    target._liger_fx = _Applied(dict(flags), compile_kwargs, compiled, original)
     target.forward = types.MethodType(_make_forward(target), target)
     log.info("liger_fx: %s.forward compiled with backend='liger'%s", type(target).__name__,
              f", flags {flags}" if flags else "")
@@ -178,8 +168,7 @@ def _make_forward(target: torch.nn.Module) -> Callable:
                     kwargs["attention_mask"] = None  # no padding: the same as no mask (one host sync a step)
                 if kwargs.get("attention_mask") is None and kwargs.get("position_ids") is None:
                     scope.enter_context(_plain_causal_attention())
-            run = self._liger_fx.compiled_skip if skip else self._liger_fx.compiled
-            return run(self, skip, *args, **kwargs)
+            return self._liger_fx.compiled(self, skip, *args, **kwargs)
 
     forward.__name__ = "forward"
     return forward

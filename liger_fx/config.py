@@ -72,18 +72,9 @@ class LigerConfig:
     layer, nothing more saved (liger_fx/kernels/swiglu.py, liger_fx/patterns/swiglu.recompute_in_linear). Off, or with `recompute` off,
     the linear stays an nn.Linear's matmul."""
 
-    skip_logits: bool = False
-    """The caller discards the logits the graph returns (Liger's `skip_logits`): where an lm_head's logits are
-    returned and read by nothing but the fused loss, the loss becomes `liger_fx::linear_cross_entropy`, which never
-    makes them, and the graph returns in their place a NaN tensor of their shape that takes no memory (stride 0).
-    `liger_fx.apply` and the HF Trainer hook set it for training steps with labels: on a vision-language model whose
-    graph breaks before the lm_head (LLaVA, Qwen2-VL with images) the lm_head's graph returns the logits to the
-    model's forward, and dropping them after it would be too late (at Llama-3's vocabulary, B8 T2048, 4.2 GB in
-    fp32). Off by default: code that reads returned logits would read NaN."""
-
     @classmethod
     def option_names(cls) -> tuple[str, ...]:
-        return ("recompute", "causal_sdpa", "grouped_sdpa", "fuse_projections", "fuse_swiglu_linear", "skip_logits")
+        return ("recompute", "causal_sdpa", "grouped_sdpa", "fuse_projections", "fuse_swiglu_linear")
 
     @classmethod
     def flag_names(cls) -> tuple[str, ...]:

@@ -137,9 +137,6 @@ class GraphRecord:
         if returned:  # the logits are also used: lm_head kept as one matmul beside the fused loss (patterns/...)
             parts.append(f"{returned} lm_head+CE on returned logits"
                          + (" (their gradient outside the graph)" if self.logits_grad_outside else ""))
-        skipped = sum(r.pattern.endswith("/logits-skipped") for r in self.replaced)
-        if skipped:  # option skip_logits: the returned logits were never made (patterns/linear_cross_entropy.py)
-            parts.append(f"{skipped} lm_head+CE with the returned logits skipped")
         text = f"liger_fx: graph {self.index}: replaced " + ", ".join(parts) + causal
         if self.misses:
             text += f"; {len(self.misses)} near miss(es), first: {self.misses[0].where}: {self.misses[0].reason}"

@@ -45,7 +45,7 @@ import torch.fx as fx
 from torch._guards import detect_fake_mode
 from torch._inductor.pattern_matcher import stable_topological_sort
 
-from liger_fx.canonicalize import same_sizes, val as _val
+from liger_fx.canonicalize import val as _val
 from liger_fx.rewrite import Pattern, record_replacement, scalar_hint, specialize
 
 aten = torch.ops.aten
@@ -79,7 +79,6 @@ class _Loss:
     reason: str | None = None  # why neither op can take this loss
     linear_reason: str | None = None  # why the fused linear op cannot (source is not a usable linear)
     symbolic: list = field(default_factory=list)  # float inputs of the graph folded into softcap/scale (dynamic=True)
-    chain: list = field(default_factory=list)  # the nodes from the loss input back to the source, both included
 
 
 def _tensor_arg(node: fx.Node) -> fx.Node:
@@ -151,7 +150,6 @@ def _walk(x: fx.Node, V, out: _Loss) -> str | None:
         if not isinstance(node, fx.Node):  # e.g. `c / logits`: the chain reached the constant, not the logits
             return "the logits are a divisor (a constant divided by them), which does not fold into a scale"
         out.shared |= len(node.users) > 1
-        out.chain.append(node)
         if _is(node, *_VIEWS):
             v = _val(node.args[0])
             if v is None or v.dim() == 0 or v.shape[-1] != V:
@@ -234,52 +232,21 @@ def _region_reason(ce: fx.Node, linear: fx.Node, regions: dict | None = None) ->
     return None
 
 
-def _insert(graph: fx.Graph, ce: fx.Node, target, args, kwargs=None, fake_mode=None) -> fx.Node:
-    """`target(*args, **kwargs)` before ce with ce's metadata and a fake value."""
+def _insert(graph: fx.Graph, ce: fx.Node, target, args) -> fx.Node:
+    """`target(*args)` before ce with ce's metadata and a fake value."""
     with graph.inserting_before(ce):
-        node = graph.call_function(target, tuple(args), kwargs or {})
+        node = graph.call_function(target, tuple(args))
     node.meta = {k: v for k, v in ce.meta.items() if k != "val"}
-    vals = fx.map_arg(tuple(args), _val)
-    mode = fake_mode or detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+    vals = fx.map_arg(args, _val)
+    mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
     with mode if mode is not None else contextlib.nullcontext():
-        node.meta["val"] = target(*vals, **(kwargs or {}))
+        node.meta["val"] = target(*vals)
     return node
 
 
-def _only_returned(loss: _Loss, ce: fx.Node) -> list[fx.Node] | None:
-    """The nodes of the loss chain that the graph returns, when being returned is all that is done with them
-    besides the loss, and each has the lm_head output's shape (no view of it); else None."""
-    inside = set(loss.chain) | {ce}
-    shape = _val(loss.source).shape
-    returned = []
-    for node in loss.chain:
-        others = [u for u in node.users if u not in inside]
-        if not others:
-            continue
-        if any(u.op != "output" for u in others) or not same_sizes(_val(node).shape, shape):
-            return None
-        returned.append(node)
-    return returned or None
-
-
-def _placeholder(graph: fx.Graph, ce: fx.Node, like: fx.Node, h: fx.Node, w: fx.Node) -> fx.Node:
-    """A NaN tensor of `like`'s shape and dtype that takes no memory (a 0-d tensor expanded, stride 0), in place of
-    logits the caller discards: its sizes are h's leading sizes (symbolic ones read with sym_size) and W's rows."""
-    v, hv = _val(like), _val(h)
-    mode = detect_fake_mode([hv])
-    sizes = [d if isinstance(d, int) else _insert(graph, ce, aten.sym_size.int, (h, i), fake_mode=mode)
-             for i, d in enumerate(hv.shape[:-1])] + [_val(w).shape[0]]
-    nan = _insert(graph, ce, aten.full.default, ([], float("nan")), dict(dtype=v.dtype, device=v.device),
-                  fake_mode=mode)
-    return _insert(graph, ce, aten.expand.default, (nan, sizes), fake_mode=mode)
-
-
-def _replace(graph: fx.Graph, ce: fx.Node, loss: _Loss, fused_linear: bool, skip_logits: bool = False) -> str:
+def _replace(graph: fx.Graph, ce: fx.Node, loss: _Loss, fused_linear: bool) -> str:
     """Replace the loss; returns the pattern name for the record. Three forms:
-    - the loss is the logits' only use: `linear_cross_entropy`, no logits at all; also where the graph returns
-      the logits and nothing else reads them, under option `skip_logits` (the caller discards them: a
-      vision-language model whose graph breaks before the lm_head returns them to `liger_fx.apply`'s training
-      step, which drops them): the graph returns a NaN placeholder of their shape that takes no memory;
+    - the loss is the logits' only use: `linear_cross_entropy`, no logits at all;
     - the logits are used besides (returned): `lm_head_cross_entropy`, the logits computed once and both gradients
       taken in one backward (kernels/fused_linear_cross_entropy.py: three lm_head matmuls, not six). With a row
       slice between the logits and the loss (the pre-4.46 `logits[:, :-1]` shift) the loss covers fewer rows than
@@ -291,12 +258,6 @@ def _replace(graph: fx.Graph, ce: fx.Node, loss: _Loss, fused_linear: bool, skip
     common = (loss.target, loss.ignore_index, loss.reduction, float(loss.softcap), float(loss.scale))
     returned = fused_linear and loss.shared
     bias = fused_linear and len(src.args) > 2 and src.args[2] is not None
-    skipped = returned and skip_logits and not loss.row_slices and _only_returned(loss, ce)
-    if skipped:
-        out_node = next(n for n in reversed(graph.nodes) if n.op == "output")
-        for node in skipped:
-            out_node.replace_input_with(node, _placeholder(graph, ce, node, src.args[0], src.args[1]))
-        returned = False
     if returned and not loss.row_slices:
         h, w = src.args[0], src.args[1]
         b = src.args[2] if len(src.args) > 2 else None
@@ -330,15 +291,12 @@ def _replace(graph: fx.Graph, ce: fx.Node, loss: _Loss, fused_linear: bool, skip
         stable_topological_sort(graph)
     name = FLCE if fused_linear else CE
     name += f"/{loss.reduction}" + ("/softcap" if loss.softcap else "") + ("/scale" if loss.scale != 1.0 else "")
-    return name + ("/bias" if bias else "") + (RETURNED if returned else "") + (SKIPPED if skipped else "")
+    return name + ("/bias" if bias else "") + (RETURNED if returned else "")
 
 
 RETURNED = "/logits-returned"
 """Suffix of a replacement where the logits are also used: lm_head kept as one matmul, CE fused with its gradient
 (`GraphRecord.summary` says `lm_head+CE on returned logits`)."""
-SKIPPED = "/logits-skipped"
-"""Suffix of a replacement whose returned logits became a placeholder under option `skip_logits` (no logits made;
-`GraphRecord.summary` says `returned logits skipped`)."""
 
 
 def rewrite(graph: fx.Graph, config) -> None:
@@ -356,7 +314,7 @@ def rewrite(graph: fx.Graph, config) -> None:
             flag = CE
         else:
             continue
-        name = _replace(graph, ce, loss, flag == FLCE, getattr(config, "skip_logits", False))
+        name = _replace(graph, ce, loss, flag == FLCE)
         record_replacement(flag, name, ce)  # reads ce's module path from its metadata, kept after erasure
 
 
