@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import operator
 import re
 
@@ -42,7 +43,8 @@ def to_aten(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
     gm = inline_checkpoints(gm)
     ctx = fake_mode if fake_mode is not None else contextlib.nullcontext()
     with ctx, fx_traceback.preserve_node_meta():
-        traced = make_fx(fx.Interpreter(gm).run, pre_dispatch=True)(*args)
+        traced = make_fx(_Retrace(gm).run, pre_dispatch=True)(*args)
+    _no_fake_constants(traced)
     # The traced values drop requires_grad; keep it on the inputs, so a guard can tell a learned tensor from a buffer.
     # Also Dynamo's name of the input (e.g. "L['kwargs']['shift_labels']"): make_fx renames placeholders arg<i>_1.
     for node, value, orig, real in zip((n for n in traced.graph.nodes if n.op == "placeholder"), args, placeholders,
@@ -60,6 +62,97 @@ def to_aten(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
     canonicalize(traced.graph)
     traced.recompile()
     return traced
+
+
+class _Retrace(fx.Interpreter):
+    """Runs Dynamo's graph under make_fx, keeping its functorch transforms (a `torch.vmap` in the model) as graph
+    nodes.
+
+    Dynamo writes a vmap as `torch._functorch.predispatch._add_batch_dim`, the body on the batched tensor, then
+    `_remove_batch_dim`. make_fx's pre-dispatch tracer records those calls only while torch.export runs
+    (`torch.compiler.is_exporting()`); otherwise they run for real, the body runs under the batching rules below the
+    tracer, and the vmap's output reaches the trace as an untracked tensor, lifted as a constant: a FakeTensor
+    attribute, made from the traced inputs of this one call. Seen: transformers 5.25 builds Gemma3's sliding-window
+    mask for an image with vmap (`_tensor_constant7`, the (B, 1, T, T) mask); AOTAutograd then refused the graph
+    ("expected FakeTensor for arg"), and had it accepted it, the mask of the first batch would have been baked in.
+    We hand those calls to the tracer's own pre-dispatch handler, as export does: they stay nodes, the body is traced
+    on the batched tensors (logical shapes, as in Dynamo's graph), and AOTAutograd runs the vmap as it does for
+    Dynamo's graph."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        if any(_is_functorch_call(n) for n in gm.graph.nodes):
+            _keep_functorch_calls()
+
+    def call_function(self, target, args, kwargs):
+        if _is_functorch_call(target):
+            mode = _pre_dispatch_function_mode()
+            if mode is not None:
+                return mode.__torch_function__(target, (), args, kwargs)
+        if target in _BELOW_DISPATCH:
+            mode = _pre_dispatch_function_mode()
+            if mode is not None:
+                return _record(mode.tracer, target, args, kwargs)
+        return super().call_function(target, args, kwargs)
+
+
+# Functions that make a tensor without going through the dispatcher, so make_fx never sees the op and lifts the
+# result as a constant, a FakeTensor attribute standing for an input. `param.data` (Dynamo's `_get_data_attr`) is
+# one: Gemma-3n clamps `self.prediction_coefs.weight.data` in place every forward; retraced, the clamp mutated a
+# constant aliasing the parameter, and AOTAutograd refused the graph ("non-differentiable view input mutations ...
+# _tensor_constant1 and args[17] share storage"): it fell back. Recorded as a node, as in Dynamo's graph.
+_BELOW_DISPATCH = {torch._C._autograd._get_data_attr}
+
+
+def _record(tracer, target, args, kwargs):
+    """Run `target` and record it as one node of the trace, its result tracked (what make_fx's pre-dispatch mode
+    does for the functorch calls above)."""
+    from torch.fx.experimental.proxy_tensor import _fetch_proxies_and_all_constant_flag, track_tensor_tree
+
+    _, proxies, _ = _fetch_proxies_and_all_constant_flag(args, tracer)
+    out = tracer.create_proxy("call_function", target, proxies, kwargs)
+    result = target(*args, **kwargs)
+    track_tensor_tree(result, out, constant=None, tracer=tracer)
+    return result
+
+
+def _no_fake_constants(gm: fx.GraphModule) -> None:
+    """A FakeTensor constant in the retraced graph is a value the tracer lost track of (it stands for this one
+    call's inputs): raise, naming where the model made it, rather than compile it."""
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and isinstance(getattr(gm, node.target, None), FakeTensor):
+            made = (node.meta.get("stack_trace") or "").strip().splitlines()[-1:] or ["?"]
+            raise RuntimeError(f"the retrace lost track of a tensor (lifted as the constant {node.target}); made by "
+                               f"`{made[0].strip()}`")
+
+
+def _is_functorch_call(x) -> bool:
+    target = x.target if isinstance(x, fx.Node) else x
+    return getattr(target, "__module__", None) == "torch._functorch.predispatch"
+
+
+@functools.cache
+def _keep_functorch_calls() -> None:
+    """Tell fx's dead-code elimination that entering and leaving a vmap (or jvp) level has a side effect: their int
+    results are unused, and without this every `eliminate_dead_code` (ours, the pattern matcher's) drops them, and
+    the batched ops between them fail ("your tensor may have escaped from inside a function being vmapped").
+    Registered once, when a graph first holds such calls; it is true of these functions everywhere."""
+    from torch._functorch import predispatch
+    from torch.fx.node import has_side_effect
+
+    for name in ("_vmap_increment_nesting", "_vmap_decrement_nesting", "_jvp_increment_nesting",
+                 "_jvp_decrement_nesting", "_enter_dual_level", "_exit_dual_level", "lazy_load_decompositions"):
+        fn = getattr(predispatch, name, None)
+        if fn is not None:
+            has_side_effect(fn)
+
+
+def _pre_dispatch_function_mode():
+    from torch.fx.experimental.proxy_tensor import PreDispatchTorchFunctionMode
+
+    modes = [m for m in torch.overrides._get_current_function_mode_stack()
+             if isinstance(m, PreDispatchTorchFunctionMode)]
+    return modes[-1] if modes else None
 
 
 def inline_checkpoints(gm: fx.GraphModule) -> fx.GraphModule:

@@ -41,7 +41,13 @@ class ModelReport:
     records: list[rewrite.GraphRecord] = field(default_factory=list)
     seconds: float = 0.0
     error: str | None = None
-    """Set when the compiled step raised (CLI only; the Python API lets the exception through)."""
+    """Set when the compiled step raised, or its loss differs from eager's (CLI only; the Python API lets the
+    exception through)."""
+    skipped: str | None = None
+    """Set by the transformers sweep for a family it cannot run: why (cannot be built from its default config at
+    the reduced size, or its eager step already fails there). Nothing was compiled."""
+    loss: float | None = None
+    """The compiled training step's loss (mode "train")."""
 
     @property
     def fallbacks(self) -> list[str]:
@@ -66,6 +72,7 @@ class ModelReport:
 
     def to_dict(self) -> dict:
         return {"model": self.model, "model_type": self.model_type, "graph_breaks": self.graph_breaks,
+                "seconds": round(self.seconds, 2), "fallbacks": self.fallbacks,
                 "patterns": self.patterns(), "causal_sdpa": sum(len(r.causal_sdpa) for r in self.records),
                 "grouped_sdpa": sum(len(r.grouped_sdpa) for r in self.records),
                 "fused_projections": sum(len(r.fused_projections) for r in self.records),
@@ -81,7 +88,8 @@ def example_batch(model, batch: int = 2, seq: int = 16, seed: int = 1) -> dict:
     (about 15% of positions carry a label, the rest -100, at least one labelled)."""
     from .models import is_encoder
 
-    vocab = model.config.vocab_size
+    config = model.config
+    vocab = getattr(config.get_text_config(), "vocab_size", None) or config.vocab_size  # a multimodal model's
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, seq), generator=g)
     if not is_encoder(model.config):
@@ -100,6 +108,26 @@ def _loss(out) -> torch.Tensor:
     if not leaves:
         raise ValueError("mode 'train' needs a loss: the model's output has no `loss` and no tensor requiring grad")
     return sum(t.float().sum() for t in leaves)
+
+
+def eager_step(model, args=(), kwargs=None, *, mode: str = "train") -> float | None:
+    """One eager step as `run_model` runs it compiled: the loss in train mode (gradients cleared after), None in
+    infer mode. Raises what the model raises."""
+    kwargs = kwargs or {}
+    was_training = model.training
+    try:
+        if mode == "train":
+            model.train()
+            loss = _loss(model(*args, **kwargs))
+            loss.backward()
+            return float(loss.detach())
+        model.eval()
+        with torch.no_grad():
+            model(*args, **kwargs)
+        return None
+    finally:
+        model.train(was_training)
+        model.zero_grad(set_to_none=True)
 
 
 def run_model(model, args=(), kwargs=None, *, options=None, mode: str = "train", name: str | None = None
@@ -131,7 +159,9 @@ def run_model(model, args=(), kwargs=None, *, options=None, mode: str = "train",
             model.train()
             for p in params:
                 p.grad = None
-            _loss(compiled(*args, **kwargs)).backward()
+            loss = _loss(compiled(*args, **kwargs))
+            loss.backward()
+            out.loss = float(loss.detach())
         else:
             model.eval()
             with torch.no_grad():
@@ -196,6 +226,9 @@ def table(reports: list[ModelReport]) -> str:
     for rep in reports:
         label = rep.model if rep.model == rep.model_type else f"{rep.model} ({rep.model_type})"
         first = [label, rep.graph_breaks]
+        if rep.skipped:
+            rows.append([*first, "-", "-", f"skipped: {rep.skipped}"])
+            continue
         if rep.error:
             rows.append([*first, "-", "-", f"error: {rep.error}"])
             continue
@@ -214,12 +247,15 @@ def table(reports: list[ModelReport]) -> str:
 
 
 def summary(reports: list[ModelReport]) -> str:
-    done, total = coverage(reports)
+    skipped = sum(1 for r in reports if r.skipped)
+    ran = [r for r in reports if not r.skipped]
+    done, total = coverage(ran)
     pct = f"{100.0 * done / total:.1f}%" if total else "n/a"
     misses = total - done
-    breaks = sum(r.graph_breaks for r in reports)
-    failed = sum(1 for r in reports if r.error or r.fallbacks)
+    breaks = sum(r.graph_breaks for r in ran)
+    failed = sum(1 for r in ran if r.error or r.fallbacks)
     modes = ", ".join(sorted({r.mode for r in reports}))
-    text = (f"{len(reports)} model(s) ({modes}): replaced {done}/{total} candidates ({pct}), "
+    text = (f"{len(ran)} model(s) ({modes}): replaced {done}/{total} candidates ({pct}), "
             f"{misses} near miss(es), {breaks} graph break(s)")
-    return text + (f", {failed} model(s) failed or fell back" if failed else "")
+    text += f", {failed} model(s) failed or fell back" if failed else ""
+    return text + (f"; {skipped} skipped (see the rows above for why)" if skipped else "")

@@ -51,7 +51,9 @@ def all_run(tmp_path_factory):
 
 def _check_schema(entry: dict) -> None:
     assert set(entry) == {"model", "model_type", "graph_breaks", "patterns", "causal_sdpa", "grouped_sdpa",
-                          "fused_projections", "swiglu_linear"}
+                          "fused_projections", "swiglu_linear", "seconds", "fallbacks"}
+    assert isinstance(entry["seconds"], float) and entry["seconds"] > 0
+    assert entry["fallbacks"] == [] or all(isinstance(f, str) and f for f in entry["fallbacks"])
     assert isinstance(entry["model"], str) and isinstance(entry["model_type"], str)
     # masks SDPA was told are causal (option causal_sdpa): transformers 5.17 builds them, 5.24 already skips them
     assert isinstance(entry["causal_sdpa"], int) and entry["causal_sdpa"] >= 0
@@ -353,9 +355,21 @@ def _unknown_model_type(tmp_path):
         (["report", "llama", "--fail-under", "abc"], "not a number"),
         (["report"], "at least one MODEL"),
         (["reprot", "llama"], "invalid choice: 'reprot'"),
+        (["report", "no_such_pkg.model:build"], "no module named 'no_such_pkg'"),
+        (["report", "tests.factories:nope"], "'tests.factories' has no attribute 'nope'"),
+        (["report", "tests.factories:NOT_A_FUNCTION"], "'NOT_A_FUNCTION' is an int, not a function"),
+        (["report", "tests.factories:wrong_type"], "wrong_type() returned a dict; expected a torch.nn.Module"),
+        (["report", "tests.factories:wrong_inputs"], "the inputs must be a tuple of arguments, a dict"),
+        (["report", "tests.factories:plain_module_only"], "returned a Decoder without example inputs"),
+        (["report", "tests.factories:raises"], "calling raises() raised RuntimeError: no weights here"),
+        (["report", "llama", "--compiler", "tvm"], "invalid choice: 'tvm'"),
+        (["report", "--transformers-all", "--shard", "5/3"], "expected K/N with 0 <= K < N, got '5/3'"),
+        (["report", "llama", "--shard", "0/3"], "--shard splits --transformers-all"),
     ],
     ids=["name", "path", "dir-without-config", "bad-json", "no-model-type", "unknown-model-type", "flag",
-         "flag-value", "mode", "fail-under", "no-model", "command"],
+         "flag-value", "mode", "fail-under", "no-model", "command", "factory-module", "factory-attribute",
+         "factory-not-callable", "factory-returns-dict", "factory-bad-inputs", "factory-no-inputs",
+         "factory-raises", "compiler", "shard", "shard-without-sweep"],
 )
 def test_bad_input_is_one_line_and_exit_code_2(argv, message, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
@@ -376,3 +390,41 @@ def test_console_script_is_declared():
 
     (ep,) = [e for e in entry_points(group="console_scripts") if e.name == "liger-fx"]
     assert ep.value == "liger_fx.cli:main"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A user's own code: `liger-fx report package.module:factory`
+
+
+def test_report_on_a_factory_of_plain_pytorch_code(tmp_path, capsys):
+    """The table on stdout and the JSON in --out, as for a built-in model: a plain-PyTorch decoder's norms and MLPs
+    fused, and its label-smoothed loss a near miss that says why."""
+    out = tmp_path / "factory.json"
+    assert main(["report", "tests.factories:decoder", "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    (entry,) = json.loads(out.read_text())["models"]
+    _check_schema(entry)
+    assert entry["model"] == "tests.factories:decoder" and entry["model_type"] == "Decoder"
+    p = entry["patterns"]
+    assert p["rms_norm"] == {"replaced": 3, "candidates": 3, "misses": []}
+    assert p["swiglu"] == {"replaced": 2, "candidates": 2, "misses": []}
+    (miss,) = p["fused_linear_cross_entropy"]["misses"]
+    assert "label_smoothing=0.1" in miss["reason"]
+    block = _block(table, "tests.factories:decoder")
+    assert any("rms_norm" in line and "3/3" in line for line in block)
+    assert any("label_smoothing=0.1" in line for line in block)
+
+
+@pytest.mark.parametrize("name, n_args, kwargs", [
+    ("decoder", 0, {"tokens", "labels"}),
+    ("decoder_args", 2, set()),
+    ("decoder_args_kwargs", 1, {"labels"}),
+    ("mlp_tensor", 1, set()),
+    ("hf_llama", 0, {"input_ids", "labels"}),  # a transformers model alone gets token ids and labels
+])
+def test_factory_return_forms(name, n_args, kwargs):
+    from liger_fx.cli import load_factory
+
+    model, args, kw = load_factory(f"tests.factories:{name}")
+    assert isinstance(model, nn.Module) and len(args) == n_args and set(kw) == kwargs
+    assert all(isinstance(a, torch.Tensor) for a in [*args, *kw.values()])

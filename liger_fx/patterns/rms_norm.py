@@ -110,6 +110,12 @@ def _rstd(x_first: bool):
 
 def _check(match) -> str | None:
     x, w = match.kwargs["x"], match.kwargs.get("w")
+    # `w * y` matches any factor: a norm without a weight scaled by a Python float (`2.0 * y`) binds w to the float.
+    # Read as a node, it raised AttributeError and the whole graph fell back to plain Inductor.
+    if "w" in match.kwargs and not isinstance(w, fx.Node):
+        return f"the factor after the normalization is the constant {w!r}, not a weight tensor"
+    if not isinstance(x, fx.Node):
+        return f"the normalized input is the constant {x!r}"
     # A constant, or a float input of the graph (dynamic=True makes the module's eps one): the replacement gets it
     # as a constant, guarded (rewrite.specialize).
     if scalar_hint(match.kwargs["eps"]) is None or scalar_hint(match.kwargs.get("offset", 0.0)) is None:

@@ -337,6 +337,15 @@ def _fold_partial(graph: fx.Graph) -> None:
                 and (rest.args[4] if len(rest.args) > 4 else 1) == 1
                 and _val(cat).dtype == _val(node).dtype and same_sizes(_val(cat).shape, _val(src).shape)):
             new = _new(graph, cat, liger.rope.default, (src, cos, sin, dtype, xp, yp), node)
+            if not same_sizes(_val(new).stride(), _val(cat).stride()):
+                # The cat made a contiguous tensor; the op keeps x's layout (a permuted q stays (B, T, H, D) in
+                # memory), and code after it may rely on the cat's: GPT-NeoX-Japanese views the result as
+                # (B * H, T, D) after a `.contiguous()` that tracing dropped (a no-op on the cat), and the view
+                # failed in AOTAutograd's trace (the graph fell back). Make the copy the cat made.
+                if not _val(cat).is_contiguous():
+                    graph.erase_node(new)
+                    continue
+                new = _new(graph, cat, aten.contiguous.default, (new,), cat)
             cat.replace_all_uses_with(new)
             graph.erase_node(cat)
             graph.erase_node(node)

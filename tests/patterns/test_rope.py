@@ -68,13 +68,16 @@ def test_training_matches_eager_and_every_rotation_is_fused(model_type, graphs):
 # HF families whose rotary embedding is not HF's rotate_half, built from their own transformers classes at the
 # reduced size `liger-fx report` uses: GPT-J (interleaved pairs, partial rotary 8 of 16, repeat-interleaved tables
 # made inside apply_rotary_pos_emb), GLM (pairs, half rotary), Cohere (pairs, q upcast once), DeepSeek-V2 (complex
-# freqs_cis), DeepSeek-V3 (pairs read, halves written, MLA with a single-head k_pe).
+# freqs_cis), DeepSeek-V3 (pairs read, halves written, MLA with a single-head k_pe), GPT-NeoX-Japanese (partial
+# rotary on a permuted q, then `.contiguous().view(B * H, T, D)`: the fused op must hand the view the contiguous
+# tensor the cat made, or AOTAutograd's trace fails and the graph falls back).
 OTHER_FAMILIES = {
     "gptj": dict(rotary_dim=8, n_head=4),
     "glm": dict(),
     "cohere": dict(),
     "deepseek_v2": dict(num_experts_per_tok=2, topk_method="greedy"),
     "deepseek_v3": dict(rope_interleave=True),
+    "gpt_neox_japanese": dict(attention_dropout=0.0),  # compiled dropout draws other numbers than eager
 }
 
 
