@@ -54,13 +54,17 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
 from torch.utils._pytree import tree_flatten, tree_map_only
+
+log = logging.getLogger("liger_fx")
 
 __all__ = ["LazyLogits", "lazy_logits", "register_consumer", "CONSUMERS", "is_lazy", "fold"]
 
@@ -320,6 +324,8 @@ class LazyLogits(torch.Tensor):
                 out = handler(func, *args, **kwargs)
                 if out is not NotImplemented:
                     return out
+        if not all(t.materialized for t in lazies):
+            _note_materialized(func)
         args, kwargs = tree_map_only(LazyLogits, LazyLogits.materialize, (args, kwargs))
         return func(*args, **kwargs)
 
@@ -390,6 +396,23 @@ def lazy_logits(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     src = _Source(h, weight, bias, tuple(ops), autocast)
     _ensure_hook()
     return _make(src, h, (), _root_shadow(src))
+
+
+_MATERIALIZED_BY: set[str] = set()
+
+
+def _note_materialized(func) -> None:
+    """A use that reads the logits: right (eager's values), but it costs the lm_head matmul outside the graph and
+    the N x V logits the fused path avoids, so it is never silent: counted in
+    `counters["liger_fx"]["lazy_logits_materialized"]`, and logged once per function that did it (INFO: reading
+    logits for a metric is a legitimate use; the line names what to change where it was not meant)."""
+    counters["liger_fx"]["lazy_logits_materialized"] += 1
+    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or str(func)
+    if name not in _MATERIALIZED_BY:
+        _MATERIALIZED_BY.add(name)
+        log.info("liger_fx: lazy logits materialized by %s: the lm_head ran outside the compiled graph and made "
+                 "the N x V logits (a loss on them fuses only as cross-entropy, log-softmax/gather, logsumexp or "
+                 "entropy; options={'lazy_logits': False} returns plain logits instead)", name)
 
 
 def _root_shadow(src: _Source) -> torch.Tensor:

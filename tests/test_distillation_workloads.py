@@ -120,13 +120,15 @@ def test_kd_with_hard_labels_fuses_both_heads_losses():
     graphs.assert_none_of(2 * 71 * VOCAB, dim=VOCAB)
 
 
-def test_output_hidden_states_graph_break_is_named():
+def test_output_hidden_states_graph_break_is_not_silent():
     """transformers 5.25 captures hidden_states through hooks under a lock, which Dynamo cannot enter: a graph
-    break (plain Inductor's too) puts the student's lm_head in another graph than the loss. Not fused, still right,
-    and the near miss says why."""
+    break (plain Inductor's too) puts the student's lm_head in another graph than the loss. Its logits leave that
+    graph lazy, and the divergence, run eagerly after the break, reads them. Not fused, still right, and not silent:
+    the materialization is counted (and logged, naming the function), or, with lazy logits off, the near miss names
+    the graph break."""
     _compare(lambda s, t: kd_step(s, t, hidden="output_hidden_states"))
-    misses = [m for rec in liger_fx.get_records() for m in rec.misses if m.flag == FLAG]
-    assert counters["liger_fx"][FLAG] == 0 and misses and "graph break" in misses[0].reason, misses
+    assert counters["liger_fx"][FLAG] == 0
+    assert counters["liger_fx"]["lazy_logits_materialized"] >= 1, dict(counters["liger_fx"])
 
 
 def test_jsd_step_dynamic_sequence_length():

@@ -270,9 +270,12 @@ def _ddp_split_backend(cap_bytes):
 
 
 @pytest.mark.parametrize("cap, cut", [(32 * 32 * 4 + 64, True), (10**9, False)], ids=["cut-norm", "one-bucket"])
-def test_norm_cut_by_a_bucket_is_a_near_miss_that_says_so(cap, cut):
+def test_norm_cut_by_a_bucket_fuses_the_part_before_the_cut(cap, cut):
     # Buckets fill in reverse: `out` (4096 B), then the norm's weight multiply (+128 B) crosses a 4160 B cap, so the
-    # boundary falls between `x * rsqrt(...)` and `weight * ...`.
+    # boundary falls between `x * rsqrt(...)` and `weight * ...`. The piece before the cut is a whole norm without a
+    # weight (torch's nn.RMSNorm(elementwise_affine=False) has that form), so it fuses as the no-weight op and the
+    # weight multiply runs in Inductor in the next piece: nothing is left unfused that could have been, so no near
+    # miss. (The bare-DDP hook keeps such cuts out of norms altogether; this is torch's own split.)
     torch.manual_seed(0)
     m = NormBetweenProjections()
     x = torch.randn(3, 5, 32, requires_grad=True)
@@ -286,9 +289,9 @@ def test_norm_cut_by_a_bucket_is_a_near_miss_that_says_so(cap, cut):
     records = liger_fx.get_records()
     misses = [mi for r in records for mi in r.misses]
     if cut:
-        assert len(records) == 2 and replaced("rms_norm") == 0
-        (miss,) = misses
-        assert miss.where == "norm" and ligerdist.CUT_REASON in miss.reason, miss
+        assert len(records) == 2 and replaced("rms_norm") == 1 and not misses
+        first, second = records
+        assert [w.pattern for w in first.replaced] == ["rms_norm/noweight/float32"] and not second.replaced
     else:
         assert len(records) == 1 and replaced("rms_norm") == 1 and not misses
 
