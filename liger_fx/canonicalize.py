@@ -44,6 +44,9 @@ def to_aten(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
     ctx = fake_mode if fake_mode is not None else contextlib.nullcontext()
     with ctx, fx_traceback.preserve_node_meta():
         traced = make_fx(_Retrace(gm).run, pre_dispatch=True)(*args)
+    # Dead code first: a vmap's `out_dims` move of its untracked real output is traced too, unused (the recorded
+    # vmap nodes carry the value), and its constant is no lost tensor.
+    traced.graph.eliminate_dead_code()
     _no_fake_constants(traced)
     # The traced values drop requires_grad; keep it on the inputs, so a guard can tell a learned tensor from a buffer.
     # Also Dynamo's name of the input (e.g. "L['kwargs']['shift_labels']"): make_fx renames placeholders arg<i>_1.
