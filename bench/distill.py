@@ -22,13 +22,11 @@ their losses must agree (bench.report: within --loss-rtol of the reference varia
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
 import sys
 import time
-import traceback
 from dataclasses import dataclass, field
 
 import torch
@@ -259,21 +257,7 @@ def run_one(shape_name: str, variant: str, *, smoke: bool, device, steps: int, w
 
 
 def _guarded(shape: str, variant: str, kw: dict, phase=lambda s: None) -> dict:
-    state = {"phase": ""}
-
-    def track(s):
-        state["phase"] = s
-        phase(s)
-
-    try:
-        return run_one(shape, variant, phase=track, **kw)
-    except Unavailable as e:
-        return {"shape": shape, "variant": variant, "status": f"unavailable: {e}"}
-    except Exception as e:
-        traceback.print_exc()
-        msg = str(e).strip().splitlines()
-        return {"shape": shape, "variant": variant, "status": f"error: {type(e).__name__}",
-                "error": f"in phase '{state['phase']}': {e2e._error_line(str(e)) or (msg[0] if msg else '')}"}
+    return e2e.guarded(run_one, "shape", shape, variant, kw, phase)
 
 
 def run_variant_inprocess(shape: str, variant: str, **kw) -> dict:
@@ -315,41 +299,8 @@ def add_loss_diffs(rows: list[dict]) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.distill", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", choices=sorted(SHAPES), required=True)
-    p.add_argument("--variant", choices=VARIANTS, required=True)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--batch", type=int)
-    p.add_argument("--seq", type=int)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--smoke", action="store_true")
-    p.add_argument("--smoke-inductor", action="store_true", help="smoke with real Inductor codegen (slow on CPU)")
-    p.add_argument("--result", required=True, help="write the result row here (JSON)")
-    args = p.parse_args(argv)
-    if args.smoke and not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-
-    def phase(s):
-        with open(args.result + ".phase", "w") as f:
-            f.write(s)
-        print(f"[{args.shape}/{args.variant}] {s}", flush=True)
-
-    kw = dict(smoke=args.smoke, device=args.device, steps=args.steps, warmup=args.warmup, batch=args.batch,
-              seq=args.seq)
-    if args.smoke and not args.smoke_inductor:
-        from bench.common import smoke_codegen
-
-        with smoke_codegen():
-            res = _guarded(args.shape, args.variant, kw, phase=phase)
-    else:
-        res = _guarded(args.shape, args.variant, kw, phase=phase)
-    with open(args.result, "w") as f:
-        json.dump(res, f, default=str)
-    print(f"[{args.shape}/{args.variant}] {res['status']}", flush=True)
-    return 0 if res["status"] == "ok" or res["status"].startswith("unavailable") else 1
-
+    return e2e.worker_main(argv, prog="python -m bench.distill", doc=__doc__, shapes=SHAPES, variants=VARIANTS,
+                           run_one=run_one)
 
 if __name__ == "__main__":
     code = main()

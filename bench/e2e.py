@@ -542,7 +542,10 @@ def run_variant_inprocess(shape: str, variant: str, **kw) -> dict:
     return res
 
 
-def _guarded(shape: str, variant: str, kw: dict, phase=lambda s: None) -> dict:
+def guarded(run_one, key: str, name: str, variant: str, kw: dict, phase=lambda s: None) -> dict:
+    """`run_one(name, variant, phase=..., **kw)` with a failure reported as the variant's outcome (a crash, as
+    liger-kernel's under compile, is a result), naming the phase it happened in; `key` names `name` in the row
+    ("shape", "workload"). Shared by the worker processes of bench.e2e, bench.distill and bench.post_training."""
     state = {"phase": ""}
 
     def track(s):
@@ -550,14 +553,18 @@ def _guarded(shape: str, variant: str, kw: dict, phase=lambda s: None) -> dict:
         phase(s)
 
     try:
-        return run_one(shape, variant, phase=track, **kw)
+        return run_one(name, variant, phase=track, **kw)
     except Unavailable as e:
-        return {"shape": shape, "variant": variant, "status": f"unavailable: {e}"}
-    except Exception as e:  # reported as the variant's outcome: a crash (liger-kernel under compile) is a result
+        return {key: name, "variant": variant, "status": f"unavailable: {e}"}
+    except Exception as e:
         traceback.print_exc()
         msg = str(e).strip().splitlines()
-        return {"shape": shape, "variant": variant, "status": f"error: {type(e).__name__}",
+        return {key: name, "variant": variant, "status": f"error: {type(e).__name__}",
                 "error": f"in phase '{state['phase']}': {_error_line(str(e)) or (msg[0] if msg else '')}"}
+
+
+def _guarded(shape: str, variant: str, kw: dict, phase=lambda s: None) -> dict:
+    return guarded(run_one, "shape", shape, variant, kw, phase)
 
 
 LOSS_REFERENCES = ("hf_eager", "eager")  # the eager variant of an HF shape, of a reference-decoder shape
@@ -575,11 +582,12 @@ def add_loss_diffs(rows: list[dict]) -> None:
         r["max_loss_diff"] = max(abs(a - b) for a, b in pairs) if pairs else None
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.e2e", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", choices=sorted(SHAPES), required=True)
-    p.add_argument("--variant", choices=ALL_VARIANTS, required=True)
+def worker_main(argv, *, prog: str, doc: str, shapes, variants, run_one) -> int:
+    """One variant of one shape in this process, its row written to --result as JSON (the worker side of
+    run_variant_subprocess; bench.distill's worker is the same with its own shapes and run_one)."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=sorted(shapes), required=True)
+    p.add_argument("--variant", choices=variants, required=True)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--batch", type=int)
@@ -603,14 +611,18 @@ def main(argv=None) -> int:
         from bench.common import smoke_codegen
 
         with smoke_codegen():
-            res = _guarded(args.shape, args.variant, kw, phase=phase)
+            res = guarded(run_one, "shape", args.shape, args.variant, kw, phase=phase)
     else:
-        res = _guarded(args.shape, args.variant, kw, phase=phase)
+        res = guarded(run_one, "shape", args.shape, args.variant, kw, phase=phase)
     with open(args.result, "w") as f:
         json.dump(res, f, default=str)
     print(f"[{args.shape}/{args.variant}] {res['status']}", flush=True)
     return 0 if res["status"] == "ok" or res["status"].startswith("unavailable") else 1
 
+
+def main(argv=None) -> int:
+    return worker_main(argv, prog="python -m bench.e2e", doc=__doc__, shapes=SHAPES, variants=ALL_VARIANTS,
+                       run_one=run_one)
 
 if __name__ == "__main__":
     code = main()

@@ -32,7 +32,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +39,7 @@ import torch.nn.functional as F
 
 from bench.common import GiB, ensure_liger_backend
 from bench.e2e import SHAPES, Unavailable, _compile_times, _error_line, build_model
+from bench.e2e import guarded as e2e_guarded
 
 VARIANTS = ("inductor", "liger_fx", "liger_kernel", "eager")
 LR = 1e-6
@@ -249,20 +249,7 @@ def run_one(workload: str, variant: str, *, smoke: bool, device, steps: int, war
 
 
 def guarded(workload: str, variant: str, kw: dict, phase=lambda s: None) -> dict:
-    state = {"phase": ""}
-
-    def track(s):
-        state["phase"] = s
-        phase(s)
-
-    try:
-        return run_one(workload, variant, phase=track, **kw)
-    except Unavailable as e:
-        return {"workload": workload, "variant": variant, "status": f"unavailable: {e}"}
-    except Exception as e:
-        traceback.print_exc()
-        return {"workload": workload, "variant": variant, "status": f"error: {type(e).__name__}",
-                "error": f"in phase '{state['phase']}': {_error_line(str(e))}"}
+    return e2e_guarded(run_one, "workload", workload, variant, kw, phase)
 
 
 def run_inprocess(workload: str, variant: str, **kw) -> dict:
