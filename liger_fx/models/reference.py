@@ -245,6 +245,25 @@ def build(size: str | ReferenceConfig = "tiny", *, dtype: torch.dtype = torch.fl
     return model, (x,), y
 
 
+class TrainingStep(nn.Module):
+    """The model and its loss as one module: what a trainer that compiles its whole step hands torch.compile (and
+    what `liger-fx report liger_fx.models.reference:training_step` reports on)."""
+
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return loss_fn(self.model(tokens), labels)
+
+
+def training_step(size: str = "tiny"):
+    """`liger-fx report liger_fx.models.reference:training_step`: (TrainingStep, (inputs, labels)) for the report's
+    user-factory form, the reference decoder's every site in one graph."""
+    model, (x,), y = build(size)
+    return TrainingStep(model), (x, y)
+
+
 def compile_blocks(model: Transformer, backend="inductor", **compile_kwargs) -> Transformer:
     """Compile each TransformerBlock on its own, in place (torchtitan's per-block compile); the embedding, final norm
     and output linear stay eager, so the lm_head's logits are made eagerly and nothing fuses them with the loss."""

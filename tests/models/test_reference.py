@@ -4,6 +4,9 @@ Every site fuses in its default, PyTorch-native spelling (`nn.RMSNorm`, complex 
 on `flatten(0, 1)` logits, which LazyLogits take as a view of h)."""
 
 import copy
+import json
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -122,3 +125,15 @@ def test_loss_inside_the_compiled_step_fuses_the_lm_head():
     torch.testing.assert_close(loss, step(x, y), atol=1e-5, rtol=1e-4)
     (rec,) = liger_fx.get_records()
     assert rec.counts().get("fused_linear_cross_entropy") == (1, 1), rec.summary()
+
+
+def test_report_on_the_user_factory_finds_every_site_fused():
+    """`liger-fx report liger_fx.models.reference:training_step`, as a user runs it on their own code: every site of
+    the reference decoder (5 norms, 4 rotations, 2 MLPs, the lm_head + loss) replaced, no near miss."""
+    out = subprocess.run([sys.executable, "-m", "liger_fx.cli", "report", "liger_fx.models.reference:training_step",
+                          "--json"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (entry,) = json.loads(out.stdout)["models"]
+    got = {flag: (p["replaced"], p["candidates"]) for flag, p in entry["patterns"].items() if p["candidates"]}
+    assert got == {"rms_norm": (5, 5), "rope": (4, 4), "swiglu": (2, 2), "fused_linear_cross_entropy": (1, 1)}, got
+    assert all(not p["misses"] for p in entry["patterns"].values()) and not entry["fallbacks"], entry
