@@ -57,7 +57,7 @@ import inspect
 import logging
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F

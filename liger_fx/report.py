@@ -17,7 +17,6 @@ was not replaced is a near miss and keeps its module path and reason.
 from __future__ import annotations
 
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 
 import torch

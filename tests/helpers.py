@@ -8,7 +8,6 @@ import copy
 import torch
 from torch._dynamo.utils import counters
 
-import liger_fx
 
 
 def batch(vocab: int, b: int = 2, t: int = 16, seed: int = 1, ignore: int = 0):

@@ -10,7 +10,6 @@ from unittest import mock
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 import liger_fx
