@@ -31,7 +31,6 @@ def one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-
 class FamilyJob:
     """One family of the sweep: calling it returns (model, args, kwargs, eager loss) or raises Skip."""
 
