@@ -563,10 +563,20 @@ def test_families_with_weightless_norms_fuse_every_norm(model_type):
         else:  # DeepSeek-V4's compressor weights: eager leaves no grad, a compiled step (plain Inductor too) zeros
             assert not g.any(), name
     assert set(ref_grads) <= set(grads)
+    # One graph on transformers 5.25. On 5.17 DeepSeek-V4's graph holds an op whose trace reads a tensor's value
+    # (aten._local_scalar_dense), so Dynamo breaks the graph there, plain aot_eager alike, and 5 of its 16 norms run
+    # eagerly between the graphs: every norm in a graph counts, and fuses.
+    import transformers
+    from packaging.version import Version
+
     records = liger_fx.get_records()
-    (rec,) = records
-    done, sites = rec.counts()["rms_norm"]
-    assert done == sites and sites >= (7 if model_type == "llama4_text" else 16), rec.summary()
-    assert not [m for m in rec.misses if m.flag == "rms_norm"], rec.summary()
+    summaries = [rec.summary() for rec in records]
+    one_graph = model_type == "llama4_text" or Version(transformers.__version__) >= Version("5.25")
+    if one_graph:
+        assert len(records) == 1, summaries
+    done, sites = (sum(rec.counts().get("rms_norm", (0, 0))[i] for rec in records) for i in (0, 1))
+    assert done == sites and sites >= (7 if model_type == "llama4_text" else 16 if one_graph else 11), summaries
+    assert not [m for rec in records for m in rec.misses if m.flag == "rms_norm"], summaries
     if model_type == "llama4_text":  # the q/k norm (of its one RoPE layer here) is the weightless one
-        assert sum("/noweight/" in r.pattern for r in rec.replaced) == 2, [r.pattern for r in rec.replaced]
+        patterns = [r.pattern for rec in records for r in rec.replaced]
+        assert sum("/noweight/" in p for p in patterns) == 2, patterns
